@@ -1,0 +1,7 @@
+"""Attention variants behind one contract (see docs/attention.md and ../shared/docs/attention-api.md)."""
+from efficient_attn.attention.api import Attention, attention_names, make_attention, register
+from efficient_attn.attention.dense import MASK_VALUE, dense_attention
+from efficient_attn.attention import variants as _variants  # noqa: F401  (registers the block-sparse variants)
+from efficient_attn.attention import lsh as _lsh  # noqa: F401  (registers lsh)
+
+ATTENTION_NAMES = attention_names()

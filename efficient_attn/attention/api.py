@@ -1,0 +1,126 @@
+"""The public attention contract: a registry of variants behind `make_attention(name, **options)`.
+
+Each variant is a frozen dataclass whose fields are its options (so an instance is hashable and can be a
+static argument of `jax.jit`). Subclasses implement `_attend` (the fast path) and `dense_mask` or
+`dense_bias` (the O(n^2) definition the fast path is tested against). Shapes follow
+`jax.nn.dot_product_attention`: q, k, v are [batch, length, heads, head_dim].
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, ClassVar
+
+import jax
+import jax.numpy as jnp
+
+from efficient_attn.attention.dense import MASK_VALUE
+
+_REGISTRY: dict[str, type['Attention']] = {}
+
+
+def register(name: str) -> Callable[[type], type]:
+  """Class decorator: makes `cls` a frozen dataclass reachable as `make_attention(name)`."""
+
+  def wrap(cls):
+    cls = dataclasses.dataclass(frozen=True)(cls)
+    cls.name = name
+    _REGISTRY[name] = cls
+    return cls
+
+  return wrap
+
+
+def attention_names() -> tuple[str, ...]:
+  return tuple(_REGISTRY)
+
+
+def option_names(name: str) -> tuple[str, ...]:
+  return tuple(f.name for f in dataclasses.fields(_REGISTRY[name]))
+
+
+def make_attention(name: str, **options: Any) -> 'Attention':
+  """Builds the attention variant `name` with `options` (see the table in docs/attention.md)."""
+  if name not in _REGISTRY:
+    raise ValueError(f'Unknown attention {name!r}; valid names: {", ".join(_REGISTRY)}.')
+  valid = option_names(name)
+  unknown = sorted(set(options) - set(valid))
+  if unknown:
+    raise ValueError(
+        f'Unknown option(s) {", ".join(map(repr, unknown))} for attention {name!r}; '
+        f'valid options: {", ".join(valid) if valid else "none"}.')
+  return _REGISTRY[name](**options)
+
+
+def check_positive_int(variant: str, option: str, value: Any) -> None:
+  if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+    raise ValueError(f'{variant}: {option} must be a positive integer, got {value!r}.')
+
+
+def check_nonnegative_int(variant: str, option: str, value: Any) -> None:
+  if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+    raise ValueError(f'{variant}: {option} must be an integer >= 0, got {value!r}.')
+
+
+class Attention:
+  """Base class of every variant. Call it as `attn(q, k, v, padding_mask=None, causal=False, rng=None)`."""
+
+  name: ClassVar[str] = ''
+  needs_rng: ClassVar[bool] = False  # True for variants with random structure (bigbird, lsh).
+
+  def __post_init__(self):
+    self.validate()
+
+  def validate(self) -> None:
+    """Raises ValueError for invalid option values. Subclasses extend it."""
+
+  # -- public API ---------------------------------------------------------------------------------
+
+  def __call__(self, q, k, v, *, padding_mask=None, causal=False, rng=None):
+    """Attention output [batch, length, heads, head_dim], q's dtype; zeros at padded queries."""
+    self._check_inputs(q, k, v, padding_mask)
+    rng = self._check_rng(rng)
+    b, n = q.shape[:2]
+    if padding_mask is None:
+      padding_mask = jnp.ones((b, n), bool)
+    padding_mask = jnp.asarray(padding_mask, bool)
+    out = self._attend(q, k, v, padding_mask=padding_mask, causal=bool(causal), rng=rng)
+    return jnp.where(padding_mask[:, :, None, None], out, 0).astype(q.dtype)
+
+  def dense_mask(self, length: int, *, causal: bool = False, rng=None, heads: int | None = None):
+    """bool [heads or 1, length, length]: True where query i may attend key j (padding not included)."""
+    raise NotImplementedError(f'{self.name} is described by dense_bias, not dense_mask.')
+
+  def dense_bias(self, q, k, *, causal: bool = False, rng=None, padding_mask=None):
+    """Additive float32 bias [1 or batch, heads or 1, length, length]: `attn(q, k, v)` equals
+    `dense_attention(q, k, v, bias=...)` at real positions (padded keys still need masking by the
+    caller; `padding_mask` matters only to variants whose pattern depends on it, like lsh)."""
+    mask = self.dense_mask(q.shape[1], causal=causal, rng=rng, heads=q.shape[2])
+    return jnp.where(mask, 0.0, MASK_VALUE)[None].astype(jnp.float32)
+
+  # -- for subclasses -----------------------------------------------------------------------------
+
+  def _attend(self, q, k, v, *, padding_mask, causal, rng):
+    raise NotImplementedError
+
+  def _check_rng(self, rng):
+    if self.needs_rng and rng is None:
+      raise ValueError(
+          f'Attention {self.name!r} has random structure and needs rng=jax.random.key(...) '
+          '(the same key reproduces the same pattern).')
+    return rng
+
+  def _check_inputs(self, q, k, v, padding_mask):
+    for arg, x in (('q', q), ('k', k), ('v', v)):
+      if getattr(x, 'ndim', None) != 4:
+        raise ValueError(f'{self.name}: {arg} must be [batch, length, heads, head_dim], got shape '
+                         f'{getattr(x, "shape", None)}.')
+    if k.shape != v.shape:
+      raise ValueError(f'{self.name}: k and v must have the same shape, got {k.shape} and {v.shape}.')
+    if q.shape != k.shape:
+      raise ValueError(f'{self.name}: self-attention needs q and k of the same shape '
+                       f'[batch, length, heads, head_dim], got {q.shape} and {k.shape}.')
+    if q.shape[1] < 1:
+      raise ValueError(f'{self.name}: length must be >= 1.')
+    if padding_mask is not None and tuple(padding_mask.shape) != tuple(q.shape[:2]):
+      raise ValueError(f'{self.name}: padding_mask must be [batch, length] = {q.shape[:2]}, '
+                       f'got {padding_mask.shape}.')

@@ -1,0 +1,284 @@
+"""The shared block-sparse engine: exact attention over a list of key blocks per query block.
+
+Every fixed-pattern variant is a *layout* for this engine:
+
+  idx[H, nq, K]         for each query block, the K key blocks it visits (H = 1, or one row per head)
+  slot_valid[H, nq, K]  False for filler slots (rows visiting fewer than K blocks)
+  visible(i, j, aux)    the variant's token-level predicate on original positions (None: all pairs of the
+                        listed blocks); the same predicate builds the variant's `dense_mask`, so the fast path
+                        and the reference cannot drift apart.
+
+The engine walks the slots with the online softmax (running max, running sum, rescaled accumulator), so
+memory is O(n * keys visited per step), never O(n^2). Its backward is written by hand (flash-attention
+style: recompute the scores per slot from the saved log-sum-exp, scatter-add the key/value gradients back
+to their blocks), so nothing but q, k, v, out and lse is saved for the backward pass.
+
+Layouts must list each key block at most once per row (`dedupe_slots`): a block listed twice would count
+its keys twice. Blocked arrays are [batch, heads, num_blocks, block, head_dim].
+"""
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any, Callable, Optional
+
+import jax
+import jax.numpy as jnp
+
+from efficient_attn.attention.dense import MASK_VALUE
+
+# Keys scored per scan step: large enough for efficient matmuls, small enough to bound the score buffer.
+MAX_KEYS_PER_STEP = 1024
+
+
+# --------------------------------------------------------------------------------------------------
+# Sequence <-> blocks
+# --------------------------------------------------------------------------------------------------
+
+
+def round_up(n: int, multiple: int) -> int:
+  return -(-n // multiple) * multiple
+
+
+def pad_axis(x, axis: int, new_size: int, value=0):
+  pad = new_size - x.shape[axis]
+  if pad == 0:
+    return x
+  widths = [(0, 0)] * x.ndim
+  widths[axis] = (0, pad)
+  return jnp.pad(x, widths, constant_values=value)
+
+
+def to_blocks(x, block: int):
+  """[b, n, h, d] -> [b, h, n_pad / block, block, d], zero padded at the end."""
+  b, n, h, d = x.shape
+  x = pad_axis(x, 1, round_up(n, block))
+  return x.reshape(b, -1, block, h, d).transpose(0, 3, 1, 2, 4)
+
+
+def from_blocks(xb, length: int):
+  """[b, h, nb, block, d] -> [b, length, h, d] (drops the padding)."""
+  b, h, nb, block, d = xb.shape
+  return xb.transpose(0, 2, 3, 1, 4).reshape(b, nb * block, h, d)[:, :length]
+
+
+def mask_to_blocks(mask, block: int):
+  """bool [b, n] -> [b, n_pad / block, block], False on padding."""
+  b, n = mask.shape
+  return pad_axis(mask, 1, round_up(n, block), False).reshape(b, -1, block)
+
+
+def block_positions(num_blocks: int, block: int):
+  """int32 [num_blocks, block]: the sequence position of every block slot."""
+  return jnp.arange(num_blocks * block, dtype=jnp.int32).reshape(num_blocks, block)
+
+
+# --------------------------------------------------------------------------------------------------
+# Layout helpers
+# --------------------------------------------------------------------------------------------------
+
+
+def dedupe_slots(idx, valid):
+  """Marks every slot that repeats an earlier valid slot of its row as invalid. idx, valid: [..., K]."""
+  k = idx.shape[-1]
+  same = idx[..., :, None] == idx[..., None, :]  # [..., K, K]
+  earlier = jnp.tril(jnp.ones((k, k), bool), -1)  # [t, s]: s < t
+  repeated = jnp.any(same & earlier & valid[..., None, :], axis=-1)
+  return valid & ~repeated
+
+
+def all_blocks_layout(num_q_blocks: int, num_k_blocks: int):
+  """Every query block visits every key block: idx, valid of shape [1, nq, nk]."""
+  idx = jnp.broadcast_to(jnp.arange(num_k_blocks, dtype=jnp.int32), (1, num_q_blocks, num_k_blocks))
+  return idx, jnp.ones(idx.shape, bool)
+
+
+def band_layout(num_blocks: int, left: int, right: int):
+  """Query block a visits key blocks a-left..a+right (clipped): idx, valid [1, nb, left+right+1]."""
+  a = jnp.arange(num_blocks, dtype=jnp.int32)[:, None]
+  idx = a + jnp.arange(-left, right + 1, dtype=jnp.int32)[None, :]
+  valid = (idx >= 0) & (idx < num_blocks)
+  return jnp.clip(idx, 0, num_blocks - 1)[None], valid[None]
+
+
+def slots_per_step(num_slots: int, key_block: int, max_keys: int = MAX_KEYS_PER_STEP) -> int:
+  steps = max(1, math.ceil(num_slots * key_block / max_keys))
+  return math.ceil(num_slots / steps)
+
+
+# --------------------------------------------------------------------------------------------------
+# The engine
+# --------------------------------------------------------------------------------------------------
+
+
+def _gather_blocks(x, idx):
+  """x [b, h, nk, ...], idx [H, nq, S] (H = 1 or h) -> [b, h, nq, S, ...]."""
+  if idx.shape[0] == 1:
+    return x[:, :, idx[0]]
+  heads = jnp.arange(x.shape[1])[:, None, None]
+  return x[:, heads, idx]
+
+
+def _scatter_add_blocks(acc, idx, update):
+  """Inverse of `_gather_blocks`: acc [b, h, nk, ...] += update [b, h, nq, S, ...] at idx."""
+  if idx.shape[0] == 1:
+    return acc.at[:, :, idx[0]].add(update)
+  heads = jnp.arange(acc.shape[1])[:, None, None]
+  return acc.at[:, heads, idx].add(update)
+
+
+def _merge_slots(x):
+  """[b, h, nq, S, Bk, ...] -> [b, h, nq, S * Bk, ...]."""
+  return x.reshape(x.shape[:3] + (-1,) + x.shape[5:])
+
+
+def _step_scores(qb, kg, qpos, kpos, kvalid, idx_s, valid_s, aux, visible, causal, scale):
+  """Scores and visibility of one step: s f32 [b, h, nq, Bq, S*Bk], vis bool broadcastable to it."""
+  s = jnp.einsum('bhqid,bhqjd->bhqij', qb, kg, preferred_element_type=jnp.float32) * scale
+  kpos_g = kpos[idx_s]  # [H, nq, S, Bk]
+  kvalid_g = kvalid[:, idx_s]  # [b, H, nq, S, Bk]
+  slot_ok = jnp.broadcast_to(valid_s[..., None], kpos_g.shape)
+  j = kpos_g.reshape(kpos_g.shape[:2] + (1, -1))[None]  # [1, H, nq, 1, S*Bk]
+  i = qpos[None, None, :, :, None]  # [1, 1, nq, Bq, 1]
+  vis = (kvalid_g & slot_ok[None]).reshape(kvalid_g.shape[:3] + (1, -1))  # [b, H, nq, 1, S*Bk]
+  if visible is not None:
+    vis = vis & visible(i, j, aux)
+  if causal:
+    vis = vis & (j <= i)
+  return s, vis
+
+
+def _split_steps(idx, valid, step):
+  """[H, nq, K] -> [K/step, H, nq, step], padding K with invalid slots."""
+  h, nq, k = idx.shape
+  kp = round_up(k, step)
+  idx = pad_axis(idx, 2, kp, 0)
+  valid = pad_axis(valid, 2, kp, False)
+  split = lambda x: x.reshape(h, nq, kp // step, step).transpose(2, 0, 1, 3)
+  return split(idx), split(valid)
+
+
+def _forward(static, qb, kb, vb, kvalid, qpos, kpos, idx, valid, aux):
+  visible, causal, step = static
+  b, h, nq, bq, d = qb.shape
+  scale = d ** -0.5
+  idx_steps, valid_steps = _split_steps(idx, valid, step)
+
+  def body(carry, xs):
+    m, l, acc = carry
+    idx_s, valid_s = xs
+    kg = _merge_slots(_gather_blocks(kb, idx_s))
+    vg = _merge_slots(_gather_blocks(vb, idx_s))
+    s, vis = _step_scores(qb, kg, qpos, kpos, kvalid, idx_s, valid_s, aux, visible, causal, scale)
+    m_new = jnp.maximum(m, jnp.max(jnp.where(vis, s, MASK_VALUE), axis=-1))
+    p = jnp.where(vis, jnp.exp(jnp.where(vis, s, MASK_VALUE) - m_new[..., None]), 0.0)
+    corr = jnp.exp(m - m_new)
+    l = corr * l + jnp.sum(p, axis=-1)
+    acc = corr[..., None] * acc + jnp.einsum(
+        'bhqij,bhqjd->bhqid', p.astype(vb.dtype), vg, preferred_element_type=jnp.float32)
+    return (m_new, l, acc), None
+
+  init = (jnp.full((b, h, nq, bq), MASK_VALUE, jnp.float32), jnp.zeros((b, h, nq, bq), jnp.float32),
+          jnp.zeros((b, h, nq, bq, d), jnp.float32))
+  (m, l, acc), _ = jax.lax.scan(body, init, (idx_steps, valid_steps))
+  seen = l > 0
+  out = (acc / jnp.where(seen, l, 1.0)[..., None]).astype(qb.dtype)
+  lse = jnp.where(seen, m + jnp.log(jnp.where(seen, l, 1.0)), MASK_VALUE)
+  return out, lse
+
+
+def _backward(static, residuals, cotangents):
+  visible, causal, step = static
+  qb, kb, vb, kvalid, qpos, kpos, idx, valid, aux, out, lse = residuals
+  dout, dlse = cotangents
+  d = qb.shape[-1]
+  scale = d ** -0.5
+  dout = dout.astype(jnp.float32)
+  # D_i = sum_j P_ij dP_ij = dout_i . out_i: the softmax Jacobian's diagonal correction.
+  delta = jnp.sum(dout * out.astype(jnp.float32), axis=-1)
+  idx_steps, valid_steps = _split_steps(idx, valid, step)
+
+  def body(carry, xs):
+    dq, dk, dv = carry
+    idx_s, valid_s = xs
+    kg_blocks = _gather_blocks(kb, idx_s)
+    kg = _merge_slots(kg_blocks)
+    vg = _merge_slots(_gather_blocks(vb, idx_s))
+    s, vis = _step_scores(qb, kg, qpos, kpos, kvalid, idx_s, valid_s, aux, visible, causal, scale)
+    p = jnp.where(vis, jnp.exp(jnp.where(vis, s - lse[..., None], MASK_VALUE)), 0.0)
+    dv_s = jnp.einsum('bhqij,bhqid->bhqjd', p, dout)
+    dp = jnp.einsum('bhqid,bhqjd->bhqij', dout, vg, preferred_element_type=jnp.float32)
+    ds = p * (dp - delta[..., None] + dlse[..., None]) * scale
+    dq = dq + jnp.einsum('bhqij,bhqjd->bhqid', ds, kg, preferred_element_type=jnp.float32)
+    dk_s = jnp.einsum('bhqij,bhqid->bhqjd', ds, qb, preferred_element_type=jnp.float32)
+    unmerge = lambda x: x.reshape(kg_blocks.shape)
+    dk = _scatter_add_blocks(dk, idx_s, unmerge(dk_s))
+    dv = _scatter_add_blocks(dv, idx_s, unmerge(dv_s))
+    return (dq, dk, dv), None
+
+  init = (jnp.zeros(qb.shape, jnp.float32), jnp.zeros(kb.shape, jnp.float32),
+          jnp.zeros(vb.shape, jnp.float32))
+  (dq, dk, dv), _ = jax.lax.scan(body, init, (idx_steps, valid_steps))
+  zero_aux = jax.tree.map(_zero_cotangent, aux)
+  return (dq.astype(qb.dtype), dk.astype(kb.dtype), dv.astype(vb.dtype), _zero_cotangent(kvalid),
+          _zero_cotangent(qpos), _zero_cotangent(kpos), _zero_cotangent(idx), _zero_cotangent(valid),
+          zero_aux)
+
+
+def _zero_cotangent(x):
+  x = jnp.asarray(x)
+  if jnp.issubdtype(x.dtype, jnp.inexact):
+    return jnp.zeros_like(x)
+  return jnp.zeros(x.shape, jax.dtypes.float0)
+
+
+@functools.lru_cache(maxsize=None)
+def _engine(static):
+  @jax.custom_vjp
+  def run(qb, kb, vb, kvalid, qpos, kpos, idx, valid, aux):
+    return _forward(static, qb, kb, vb, kvalid, qpos, kpos, idx, valid, aux)
+
+  def fwd(qb, kb, vb, kvalid, qpos, kpos, idx, valid, aux):
+    out, lse = _forward(static, qb, kb, vb, kvalid, qpos, kpos, idx, valid, aux)
+    return (out, lse), (qb, kb, vb, kvalid, qpos, kpos, idx, valid, aux, out, lse)
+
+  run.defvjp(fwd, functools.partial(_backward, static))
+  return run
+
+
+def block_sparse_attention(qb, kb, vb, *, kvalid, qpos, kpos, idx, valid,
+                           visible: Optional[Callable[..., Any]] = None, aux=(), causal: bool = False,
+                           step: Optional[int] = None):
+  """Exact softmax attention of every query block over its listed key blocks.
+
+  Args:
+    qb: [b, h, nq, Bq, d] query blocks.
+    kb, vb: [b, h, nk, Bk, d] key/value blocks (may be a different sequence than the queries).
+    kvalid: bool [b, nk, Bk], False for padded keys.
+    qpos: int32 [nq, Bq], kpos: int32 [nk, Bk]: original sequence positions (for `visible` and `causal`).
+    idx: int32 [H, nq, K] key blocks per query block (H = 1 or h); valid: bool [H, nq, K].
+    visible: hashable predicate `visible(i, j, aux) -> bool` on broadcast position arrays, or None.
+    aux: a pytree of arrays the predicate reads.
+    causal: also require j <= i.
+    step: slots per scan step (default: about MAX_KEYS_PER_STEP keys per step).
+
+  Returns:
+    out [b, h, nq, Bq, d] in q's dtype (zeros where a query sees nothing) and
+    lse float32 [b, h, nq, Bq] (log-sum-exp of the visible scores, MASK_VALUE where none).
+  """
+  if step is None:
+    step = slots_per_step(idx.shape[-1], kb.shape[3])
+  return _engine((visible, bool(causal), int(step)))(qb, kb, vb, kvalid, qpos, kpos, idx, valid, aux)
+
+
+def merge_partials(parts):
+  """Combines attention results over disjoint key sets: [(out, lse), ...] -> (out, lse).
+
+  Each part is a softmax over its own keys; the union's softmax reweights them by exp(lse_p - lse).
+  """
+  if len(parts) == 1:
+    return parts[0]
+  lses = jnp.stack([lse for _, lse in parts])
+  lse = jnp.max(lses, axis=0) + jnp.log(jnp.sum(jnp.exp(lses - jnp.max(lses, axis=0)), axis=0))
+  out = sum(o.astype(jnp.float32) * jnp.exp(l - lse)[..., None] for o, l in parts)
+  return out.astype(parts[0][0].dtype), lse

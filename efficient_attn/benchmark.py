@@ -1,0 +1,215 @@
+"""Speed and memory of every attention variant against sequence length, on this machine.
+
+  python -m efficient_attn.benchmark                       # 1K..16K, every variant, float32
+  python -m efficient_attn.benchmark --lengths 4096,65536 --variants local,bigbird --dtype bfloat16
+  python -m efficient_attn.benchmark --cudnn               # on a GPU: also jax.nn.dot_product_attention(cudnn)
+
+For each (variant, length): the compiled temp memory of `jit(grad)` (XLA's memory analysis, before
+running anything), then the median wall time of the forward and of forward+backward over `--repeats` runs
+after a warm-up. A configuration whose compiled memory exceeds `--memory_budget_gb` is reported as out of
+reach instead of run. Prints a Markdown table with the speed-up and memory ratio against `full` and
+`chunked`, and writes `benchmark.json` and `benchmark.png` (time and memory against length, log-log) to
+`--out`. Default options see about `--keys` keys per query (`preset_options`).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import efficient_attn as ea
+
+
+def preset_options(name: str, keys: int = 512) -> dict[str, Any]:
+  """Options that make each variant see about `keys` keys per query (at n = 8192 for strided/fixed)."""
+  w = keys // 2
+  return {
+      'full': {},
+      'chunked': dict(query_chunk=512, key_chunk=512),
+      'local': dict(window=w),
+      'dilated': dict(window=w, dilation=(1, 2)),
+      'longformer': dict(window=w, global_tokens=(0,)),
+      'strided': dict(stride=w),
+      'fixed': dict(stride=w, summary=8),
+      'bigbird': dict(block_size=64, num_random_blocks=max(1, keys // 64 - 5)),
+      'lsh': dict(bucket_size=max(8, keys // 4), num_hashes=2),
+      'cudnn': {},
+  }[name]
+
+
+def machine_name() -> str:
+  dev = jax.devices()[0]
+  if dev.platform == 'cpu':
+    model = platform.processor() or platform.machine()
+    try:
+      with open('/proc/cpuinfo') as f:
+        model = next(l.split(':', 1)[1].strip() for l in f if l.startswith('model name'))
+    except (OSError, StopIteration):
+      pass
+    return f'CPU: {model}, {os.cpu_count()} cores'
+  return f'{dev.platform.upper()}: {dev.device_kind}'
+
+
+def _attention_fn(name: str, options: dict, causal: bool):
+  if name == 'cudnn':  # the fused reference on NVIDIA GPUs (full attention)
+    return lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=causal,
+                                                        implementation='cudnn')
+  attn = ea.make_attention(name, **options)
+  key = jax.random.key(0)
+  return lambda q, k, v: attn(q, k, v, causal=causal, rng=key)
+
+
+def _median_time(fn, args, repeats: int) -> float:
+  jax.block_until_ready(fn(*args))  # warm-up (compiled already)
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    times.append(time.perf_counter() - start)
+  return statistics.median(times)
+
+
+def measure(name: str, length: int, *, batch: int, heads: int, head_dim: int, dtype, causal: bool,
+            repeats: int, keys: int, memory_budget: float) -> dict[str, Any]:
+  """One row: compiled memory, then median forward and forward+backward seconds (or why not run)."""
+  options = preset_options(name, keys)
+  fn = _attention_fn(name, options, causal)
+  shape = (batch, length, heads, head_dim)
+  spec = jax.ShapeDtypeStruct(shape, dtype)
+  loss = lambda q, k, v: jnp.sum(fn(q, k, v).astype(jnp.float32))
+  fwd = jax.jit(fn)
+  fwd_bwd = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))
+  row = dict(variant=name, length=length, options=options)
+  try:
+    compiled_fb = fwd_bwd.lower(spec, spec, spec).compile()
+    compiled_f = fwd.lower(spec, spec, spec).compile()
+  except Exception as e:  # noqa: BLE001  (e.g. cudnn on a backend without it)
+    row['error'] = f'{type(e).__name__}: {str(e).splitlines()[0][:120]}'
+    return row
+  row['temp_bytes'] = int(compiled_fb.memory_analysis().temp_size_in_bytes)
+  row['fwd_temp_bytes'] = int(compiled_f.memory_analysis().temp_size_in_bytes)
+  if row['temp_bytes'] > memory_budget:
+    row['error'] = f'out of reach: needs {row["temp_bytes"] / 2**30:.1f} GiB of temporaries'
+    return row
+  keys_rng = jax.random.split(jax.random.key(length), 3)
+  q, k, v = (jax.random.normal(kr, shape, dtype) for kr in keys_rng)
+  row['fwd_s'] = _median_time(compiled_f, (q, k, v), repeats)
+  row['fwd_bwd_s'] = _median_time(compiled_fb, (q, k, v), repeats)
+  return row
+
+
+def _fmt_ratio(x):
+  return '' if x is None else f'{x:.1f}x'
+
+
+def markdown_table(rows: list[dict]) -> str:
+  """Rows grouped by length; ratios are baseline / variant (higher is better for the variant)."""
+  by = {(r['variant'], r['length']): r for r in rows}
+  lines = ['| n | variant | fwd ms | fwd+bwd ms | temp MiB | speed-up vs full | memory vs full | '
+           'speed-up vs chunked | memory vs chunked |', '|' + '---|' * 9]
+  for n in sorted({r['length'] for r in rows}):
+    for r in (r for r in rows if r['length'] == n):
+      if 'error' in r:
+        lines.append(f'| {n} | {r["variant"]} | {r["error"]} ||||||| ')
+        continue
+      cells = [str(n), r['variant'], f'{r["fwd_s"] * 1e3:.1f}', f'{r["fwd_bwd_s"] * 1e3:.1f}',
+               f'{r["temp_bytes"] / 2**20:.1f}']
+      for base in ('full', 'chunked'):
+        b = by.get((base, n))
+        if b is None or 'error' in b or base == r['variant']:
+          cells += ['', '']
+        else:
+          cells += [_fmt_ratio(b['fwd_bwd_s'] / r['fwd_bwd_s']),
+                    f'1/{b["temp_bytes"] / max(r["temp_bytes"], 1):.1f}']
+      lines.append('| ' + ' | '.join(cells) + ' |')
+  return '\n'.join(lines)
+
+
+def plot(rows: list[dict], path: str, title: str) -> None:
+  import matplotlib
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt
+  fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(12, 4.8))
+  for name in dict.fromkeys(r['variant'] for r in rows):
+    ok = [r for r in rows if r['variant'] == name and 'error' not in r]
+    if not ok:
+      continue
+    n = [r['length'] for r in ok]
+    style = dict(marker='o', linestyle='--' if name in ('full', 'chunked', 'cudnn') else '-')
+    ax_t.plot(n, [r['fwd_bwd_s'] * 1e3 for r in ok], label=name, **style)
+    ax_m.plot(n, [r['temp_bytes'] / 2**20 for r in ok], label=name, **style)
+  for ax, label in ((ax_t, 'forward+backward time (ms)'), (ax_m, 'compiled temp memory (MiB)')):
+    ax.set_xscale('log', base=2)
+    ax.set_yscale('log')
+    ax.set_xlabel('sequence length')
+    ax.set_ylabel(label)
+    ax.grid(True, which='both', alpha=0.3)
+  ax_t.legend(fontsize=8)
+  fig.suptitle(title, fontsize=9)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+def main(argv=None) -> list[dict]:
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+  parser.add_argument('--lengths', default='1024,2048,4096,8192,16384',
+                      help='comma-separated sequence lengths')
+  parser.add_argument('--variants', default=','.join(ea.ATTENTION_NAMES),
+                      help=f'comma-separated, from {", ".join(ea.ATTENTION_NAMES)} (and cudnn on GPU)')
+  parser.add_argument('--cudnn', action='store_true',
+                      help='add jax.nn.dot_product_attention(implementation="cudnn") (GPU only)')
+  parser.add_argument('--batch', type=int, default=1)
+  parser.add_argument('--heads', type=int, default=4)
+  parser.add_argument('--head_dim', type=int, default=64)
+  parser.add_argument('--dtype', default='float32', choices=['float32', 'bfloat16'])
+  parser.add_argument('--causal', action='store_true', help='causal attention (default bidirectional)')
+  parser.add_argument('--keys', type=int, default=512, help='about how many keys each query sees')
+  parser.add_argument('--repeats', type=int, default=5, help='timed runs after one warm-up')
+  parser.add_argument('--memory_budget_gb', type=float, default=6.0,
+                      help='skip configurations whose compiled temporaries exceed this')
+  parser.add_argument('--out', default='bench_out', help='folder for benchmark.json / benchmark.png')
+  args = parser.parse_args(argv)
+
+  lengths = [int(x) for x in args.lengths.split(',') if x]
+  variants = [v for v in args.variants.split(',') if v] + (['cudnn'] if args.cudnn else [])
+  unknown = [v for v in variants if v not in ea.ATTENTION_NAMES + ('cudnn',)]
+  if unknown or not lengths or min(lengths) < 1:
+    parser.error(f'unknown variants {unknown} (valid: {", ".join(ea.ATTENTION_NAMES)}, cudnn) '
+                 'or bad lengths')
+  dtype = jnp.dtype(args.dtype)
+  from tqdm import tqdm
+
+  rows = []
+  todo = [(n, v) for n in lengths for v in variants]
+  bar = tqdm(todo, desc='benchmark', unit='config')
+  for n, v in bar:
+    bar.set_postfix_str(f'{v} n={n}')
+    rows.append(measure(v, n, batch=args.batch, heads=args.heads, head_dim=args.head_dim,
+                        dtype=dtype, causal=args.causal, repeats=args.repeats, keys=args.keys,
+                        memory_budget=args.memory_budget_gb * 2**30))
+  header = (f'{machine_name()}; jax {jax.__version__}; {datetime.date.today()}; batch {args.batch}, '
+            f'{args.heads} heads, head_dim {args.head_dim}, {args.dtype}, '
+            f'{"causal" if args.causal else "bidirectional"}, ~{args.keys} keys per query')
+  table = markdown_table(rows)
+  print(header)
+  print(table)
+  os.makedirs(args.out, exist_ok=True)
+  with open(os.path.join(args.out, 'benchmark.json'), 'w') as f:
+    json.dump(dict(machine=header, rows=rows), f, indent=1)
+  plot(rows, os.path.join(args.out, 'benchmark.png'), header)
+  print(f'wrote {args.out}/benchmark.json and {args.out}/benchmark.png')
+  return rows
+
+
+if __name__ == '__main__':
+  main()

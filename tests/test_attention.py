@@ -1,0 +1,319 @@
+"""Every attention variant equals `dense_attention` under its own dense_mask / dense_bias.
+
+float32, relative error <= 1e-5 (max abs error over max abs value of the reference, never on zeros),
+forward and gradients, odd lengths, lengths below one block, batch and heads > 1, padding, causal.
+"""
+from __future__ import annotations
+
+import functools
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import efficient_attn as ea
+from efficient_attn.attention import engine
+from efficient_attn.attention import patterns
+
+TOL = 1e-5
+NAMES = ea.ATTENTION_NAMES
+SPARSE = tuple(n for n in NAMES if n != 'full')
+
+
+def small_options(name: str, heads: int) -> dict:
+  """Options scaled for sequences of tens of tokens, so every pattern is really sparse there."""
+  return {
+      'full': {},
+      'chunked': dict(query_chunk=16, key_chunk=8),
+      'local': dict(window=5, block_size=8),
+      'dilated': dict(window=3, dilation=(1, 2) if heads % 2 == 0 else 3),
+      'longformer': dict(window=4, global_tokens=(0, 9, 50), block_size=8),
+      'strided': dict(stride=6),
+      'fixed': dict(stride=8, summary=3),
+      'bigbird': dict(block_size=8, num_random_blocks=2),
+      'lsh': dict(bucket_size=8, num_hashes=2),
+  }[name]
+
+
+def rel_err(x, ref):
+  x, ref = np.asarray(x, np.float64), np.asarray(ref, np.float64)
+  scale = np.max(np.abs(ref))
+  assert scale > 1e-3, 'comparison on (near) zeros proves nothing'
+  return float(np.max(np.abs(x - ref)) / scale)
+
+
+def inputs(seed, b, n, h, d, dtype=jnp.float32):
+  kq, kk, kv = jax.random.split(jax.random.key(seed), 3)
+  return tuple(jax.random.normal(key, (b, n, h, d), dtype) for key in (kq, kk, kv))
+
+
+def reference_fn(attn, q, k, causal, rng, pm):
+  """The dense equivalent of `attn`: dense_attention with the variant's own mask or bias."""
+  heads = q.shape[2]
+  key_ok = pm[:, None, None, :]
+  if attn.name == 'lsh':
+    bias = attn.dense_bias(q, k, causal=causal, rng=rng, padding_mask=pm)
+    return lambda q, k, v: ea.dense_attention(q, k, v, bias=bias, mask=key_ok) * pm[:, :, None, None]
+  mask = attn.dense_mask(q.shape[1], causal=causal, rng=rng, heads=heads)
+  return lambda q, k, v: ea.dense_attention(q, k, v, mask=mask[None] & key_ok) * pm[:, :, None, None]
+
+
+CASES = [  # (batch, length, heads, head_dim): odd lengths, shorter than one block, batch/heads > 1.
+    (1, 5, 1, 8),
+    (2, 99, 4, 8),
+]
+
+
+def value_and_grads(f, w):
+  """jit(q, k, v -> (f(q, k, v), d<f, w>/d(q, k, v))): one compile for the forward and backward."""
+
+  def run(q, k, v):
+    out, vjp = jax.vjp(f, q, k, v)
+    return out, vjp(w)
+
+  return jax.jit(run)
+
+
+@pytest.mark.parametrize('name', NAMES)
+@pytest.mark.parametrize('causal', [False, True])
+@pytest.mark.parametrize('case', CASES, ids=lambda c: 'x'.join(map(str, c)))
+def test_matches_dense_forward_and_grad(name, causal, case):
+  b, n, h, d = case
+  attn = ea.make_attention(name, **small_options(name, h))
+  q, k, v = inputs(n + h, b, n, h, d)
+  # Padding: batch element 1 (if any) loses its last 3 tokens.
+  pm = jnp.arange(n)[None, :] < jnp.asarray([n, n - 3][:b])[:, None]
+  rng = jax.random.key(7)
+  fast = lambda q, k, v: attn(q, k, v, padding_mask=pm, causal=causal, rng=rng)
+  ref = reference_fn(attn, q, k, causal, rng, pm)
+  if n >= 99 and name not in ('full', 'chunked', 'lsh'):  # really sparse, or the test proves little
+    mask = attn.dense_mask(n, causal=causal, rng=rng, heads=h)
+    assert not bool(jnp.all(mask | ~jnp.tril(jnp.ones((n, n), bool))))
+  w = jax.random.normal(jax.random.key(1), q.shape)
+  out_fast, grads_fast = value_and_grads(fast, w)(q, k, v)
+  out_ref, grads_ref = value_and_grads(ref, w)(q, k, v)
+  assert rel_err(out_fast, out_ref) <= TOL
+  for g_fast, g_ref in zip(grads_fast, grads_ref):
+    assert rel_err(g_fast, g_ref) <= TOL
+
+
+@pytest.mark.parametrize('window', [0, 3, 11])
+@pytest.mark.parametrize('causal', [False, True])
+def test_local_equals_jax_local_window(window, causal):
+  q, k, v = inputs(0, 2, 45, 2, 8)
+  ours = ea.make_attention('local', window=window, block_size=8)(q, k, v, causal=causal)
+  size = (window, 0) if causal else (window, window)
+  theirs = jax.nn.dot_product_attention(q, k, v, local_window_size=size, is_causal=causal)
+  assert rel_err(ours, theirs) <= TOL
+
+
+def test_dense_masks_follow_the_contract_table():
+  n, heads = 23, 2
+  rng = jax.random.key(3)
+  table = {
+      'full': lambda i, j, h: True,
+      'chunked': lambda i, j, h: True,
+      'local': lambda i, j, h: abs(i - j) <= 3,
+      'dilated': lambda i, j, h: (i - j) % (1, 3)[h] == 0 and abs(i - j) <= 2 * (1, 3)[h],
+      'longformer': lambda i, j, h: abs(i - j) <= 2 or i in (0, 17) or j in (0, 17),
+      'strided': lambda i, j, h: abs(i - j) <= 4 or (i - j) % 4 == 0,
+      'fixed': lambda i, j, h: i // 5 == j // 5 or j % 5 >= 5 - 2,
+  }
+  opts = {'local': dict(window=3), 'dilated': dict(window=2, dilation=(1, 3)),
+          'longformer': dict(window=2, global_tokens=(0, 17, 40)), 'strided': dict(stride=4),
+          'fixed': dict(stride=5, summary=2)}
+  for name, visible in table.items():
+    attn = ea.make_attention(name, **opts.get(name, {}))
+    for causal in (False, True):
+      got = np.asarray(attn.dense_mask(n, causal=causal, heads=heads))
+      for h in range(heads):
+        want = np.array([[visible(i, j, h) and (j <= i or not causal) for j in range(n)]
+                         for i in range(n)])
+        assert (got[min(h, got.shape[0] - 1)] == want).all(), (name, causal, h)
+
+
+def test_bigbird_mask_follows_the_contract():
+  bs, n, heads, r = 4, 42, 2, 2
+  attn = ea.make_attention('bigbird', block_size=bs, num_random_blocks=r, global_blocks=(0, -1))
+  rng = jax.random.key(5)
+  mask = np.asarray(attn.dense_mask(n, rng=rng, heads=heads))
+  nb = -(-n // bs)
+  glob = {0, nb - 1}
+  for h in range(heads):
+    blocks = mask[h, ::bs, ::bs]  # block-level view
+    for a in range(nb):
+      if a in glob:
+        assert blocks[a].all()
+        continue
+      fixed = {b for b in range(nb) if abs(a - b) <= 1 or b in glob}
+      extra = {b for b in range(nb) if blocks[a, b]} - fixed
+      assert all(blocks[a, b] for b in fixed)
+      assert len(extra) == r  # distinct, disjoint from window and global blocks
+    for i, j in itertools.product(range(n), repeat=2):  # constant on blocks
+      assert mask[h, i, j] == blocks[i // bs, j // bs]
+  # Random blocks differ between heads, between keys; the same key reproduces them.
+  assert not (mask[0] == mask[1]).all()
+  other = np.asarray(attn.dense_mask(n, rng=jax.random.key(6), heads=heads))
+  assert not (other == mask).all()
+  assert (np.asarray(attn.dense_mask(n, rng=jax.random.key(5), heads=heads)) == mask).all()
+
+
+@pytest.mark.parametrize('name', NAMES)
+def test_padding_invariance_and_fully_padded_rows(name):
+  b, n, h, d = 2, 30, 2, 8
+  attn = ea.make_attention(name, **small_options(name, h))
+  q, k, v = inputs(2, b, n, h, d)
+  pm = jnp.stack([jnp.arange(n) < 21, jnp.zeros(n, bool)])  # row 1 entirely padding
+  rng = jax.random.key(0)
+  run = value_and_grads(lambda q, k, v: attn(q, k, v, padding_mask=pm, rng=rng), q)
+  out, grads = run(q, k, v)
+  noise = inputs(9, b, n, h, d)
+  swap = lambda x, y: jnp.where(pm[:, :, None, None], x, 100 * y)
+  out2, _ = run(swap(q, noise[0]), swap(k, noise[1]), swap(v, noise[2]))
+  assert rel_err(out2[0, :21], out[0, :21]) <= TOL
+  assert float(jnp.max(jnp.abs(out[0, 21:]))) == 0.0 and float(jnp.max(jnp.abs(out[1]))) == 0.0
+  for g in grads:
+    assert bool(jnp.all(jnp.isfinite(g)))
+    assert float(jnp.max(jnp.abs(g[1]))) == 0.0
+
+
+def test_engine_row_that_sees_nothing_gives_zeros_and_finite_grads():
+  b, h, nb, block, d = 1, 2, 3, 4, 8
+  q, k, v = (x.reshape(b, h, nb, block, d) for x in inputs(4, b, h * nb * block, 1, d))
+  pos = engine.block_positions(nb, block)
+  idx, valid = engine.all_blocks_layout(nb, nb)
+  kvalid = jnp.ones((b, nb, block), bool)
+
+  def run(q, k, v):
+    out, lse = engine.block_sparse_attention(q, k, v, kvalid=kvalid, qpos=pos, kpos=pos, idx=idx,
+                                             valid=valid, visible=patterns.MinGap(8))
+    return out, lse
+
+  out, lse = run(q, k, v)
+  rows_seeing_nothing = np.abs(np.arange(nb * block)[:, None] - np.arange(nb * block)) >= 8
+  empty = ~rows_seeing_nothing.any(-1)
+  assert empty.any() and (~empty).any()
+  flat = np.asarray(out).reshape(b, h, -1, d)
+  assert np.all(flat[:, :, empty] == 0)
+  assert np.all(np.asarray(lse).reshape(b, h, -1)[:, :, empty] == ea.MASK_VALUE)
+  grads = jax.grad(lambda *x: jnp.sum(run(*x)[0] ** 2) + jnp.sum(jnp.where(
+      jnp.asarray(~empty).reshape(nb, block), run(*x)[1], 0.0)), argnums=(0, 1, 2))(q, k, v)
+  for g in grads:
+    assert bool(jnp.all(jnp.isfinite(g)))
+
+
+@pytest.mark.parametrize('name', NAMES)
+def test_bfloat16_close_to_float32(name):
+  b, n, h, d = 1, 64, 2, 16
+  attn = ea.make_attention(name, **small_options(name, h))
+  q, k, v = inputs(3, b, n, h, d)
+  rng = jax.random.key(2)
+  run = jax.jit(lambda q, k, v: attn(q, k, v, causal=True, rng=rng))
+  f32 = run(q, k, v)
+  bf16 = run(*(x.astype(jnp.bfloat16) for x in (q, k, v)))
+  assert bf16.dtype == jnp.bfloat16
+  assert rel_err(bf16.astype(jnp.float32), f32) <= 1e-2 * 3  # bf16 has 8 bits of mantissa
+
+
+@pytest.mark.parametrize('name', NAMES)
+def test_jit_does_not_retrace_and_vmap_checkpoint_work(name):
+  h = 2
+  attn = ea.make_attention(name, **small_options(name, h))
+  traces = []
+
+  @jax.jit
+  def f(q, k, v, rng):
+    traces.append(1)
+    return attn(q, k, v, causal=True, rng=rng)
+
+  q, k, v = inputs(0, 2, 24, h, 8)
+  out1 = f(q, k, v, jax.random.key(0))
+  out2 = f(*inputs(1, 2, 24, h, 8), jax.random.key(1))
+  assert len(traces) == 1 and not np.allclose(out1, out2)
+  key = jax.random.key(0)
+  per_example = jax.jit(jax.vmap(lambda q, k, v: attn(q[None], k[None], v[None], rng=key)[0]))
+  batched = jax.jit(lambda q, k, v: attn(q, k, v, rng=key))
+  assert rel_err(per_example(q, k, v), batched(q, k, v)) <= TOL
+  loss = lambda q: jnp.sum(jnp.sin(attn(q, k, v, rng=key)))
+  ckpt = jax.jit(jax.grad(jax.checkpoint(loss)))
+  plain = jax.jit(jax.grad(loss))
+  assert rel_err(ckpt(q), plain(q)) <= TOL
+
+
+@pytest.mark.parametrize('name', [n for n in NAMES if ea.make_attention(n).needs_rng])
+def test_random_patterns_follow_the_key(name):
+  attn = ea.make_attention(name, **small_options(name, 2))
+  q, k, v = inputs(0, 1, 64, 2, 8)
+  run = jax.jit(lambda q, k, v, rng: attn(q, k, v, rng=rng))
+  a = run(q, k, v, jax.random.key(0))
+  assert np.array_equal(a, run(q, k, v, jax.random.key(0)))
+  assert not np.allclose(a, run(q, k, v, jax.random.key(1)))
+  with pytest.raises(ValueError, match='rng'):
+    attn(q, k, v)
+
+
+@pytest.mark.parametrize('name, options, match', [
+    ('nope', {}, 'valid names'),
+    ('local', dict(window=-1), 'window'),
+    ('local', dict(block_size=0), 'block_size'),
+    ('local', dict(block_size=2.5), 'block_size'),
+    ('local', dict(windw=3), 'valid options: window'),
+    ('strided', dict(stride=0), 'stride'),
+    ('fixed', dict(stride=4, summary=5), 'summary'),
+    ('dilated', dict(dilation=0), 'dilation'),
+    ('dilated', dict(dilation=()), 'dilation'),
+    ('bigbird', dict(block_size=-4), 'block_size'),
+    ('longformer', dict(global_tokens=5), 'global_tokens'),
+    ('chunked', dict(key_chunk=0), 'key_chunk'),
+])
+def test_bad_options_raise(name, options, match):
+  with pytest.raises(ValueError, match=match):
+    ea.make_attention(name, **options)
+
+
+def test_bad_inputs_raise():
+  q, k, v = inputs(0, 1, 8, 3, 4)
+  with pytest.raises(ValueError, match='not divisible'):
+    ea.make_attention('dilated', dilation=(1, 2))(q, k, v)
+  with pytest.raises(ValueError, match='same shape'):
+    ea.make_attention('local')(q, k[:, :5], v[:, :5])
+  with pytest.raises(ValueError, match='k and v'):
+    ea.make_attention('local')(q, k, v[..., :2])
+  with pytest.raises(ValueError, match='padding_mask'):
+    ea.make_attention('local')(q, k, v, padding_mask=jnp.ones((1, 7), bool))
+  with pytest.raises(ValueError, match=r'\[batch, length, heads, head_dim\]'):
+    ea.make_attention('full')(q[0], k[0], v[0])
+
+
+# Options that see a few hundred keys per query at n = 2048 (memory test).
+MEMORY_OPTIONS = {
+    'chunked': dict(query_chunk=256, key_chunk=256),
+    'local': dict(window=128),
+    'dilated': dict(window=64, dilation=(1, 2)),
+    'longformer': dict(window=128, global_tokens=(0, 1000)),
+    'strided': dict(stride=128),
+    'fixed': dict(stride=128, summary=8),
+    'bigbird': dict(block_size=64, num_random_blocks=3),
+    'lsh': dict(bucket_size=64, num_hashes=2),
+}
+
+
+@functools.lru_cache(maxsize=None)
+def compiled_temp_bytes(name, options, n, h=2, d=32):
+  attn = ea.make_attention(name, **dict(options))
+  q = jax.ShapeDtypeStruct((1, n, h, d), jnp.float32)
+  loss = lambda q, k, v: jnp.sum(attn(q, k, v, causal=False, rng=jax.random.key(0)))
+  grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+  return grad.lower(q, q, q).compile().memory_analysis().temp_size_in_bytes
+
+
+@pytest.mark.parametrize('name', SPARSE)
+def test_memory_grows_linearly_and_stays_far_below_full(name):
+  options = tuple(MEMORY_OPTIONS[name].items())
+  small = compiled_temp_bytes(name, options, 2048)
+  large = compiled_temp_bytes(name, options, 4096)
+  full = compiled_temp_bytes('full', (), 4096)
+  assert large / small <= 2.2, (small, large)
+  assert large <= full / 4, (large, full)
