@@ -34,8 +34,17 @@ def attention_names() -> tuple[str, ...]:
   return tuple(_REGISTRY)
 
 
+def variant_class(name: str) -> type['Attention']:
+  """The registered class of `name` (its dataclass fields are the options, with their defaults)."""
+  if name not in _REGISTRY:
+    raise ValueError(f'Unknown attention {name!r}; valid names: {", ".join(_REGISTRY)}.')
+  return _REGISTRY[name]
+
+
 def option_names(name: str) -> tuple[str, ...]:
-  return tuple(f.name for f in dataclasses.fields(_REGISTRY[name]))
+  """The variant's own options first, then the shared `implementation`."""
+  names = [f.name for f in dataclasses.fields(_REGISTRY[name])]
+  return tuple(n for n in names if n != 'implementation') + ('implementation',)
 
 
 def make_attention(name: str, **options: Any) -> 'Attention':
@@ -61,14 +70,38 @@ def check_nonnegative_int(variant: str, option: str, value: Any) -> None:
     raise ValueError(f'{variant}: {option} must be an integer >= 0, got {value!r}.')
 
 
+IMPLEMENTATIONS = ('auto', 'xla', 'pallas')
+
+
+@dataclasses.dataclass(frozen=True)
 class Attention:
-  """Base class of every variant. Call it as `attn(q, k, v, padding_mask=None, causal=False, rng=None)`."""
+  """Base class of every variant. Call it as `attn(q, k, v, padding_mask=None, causal=False, rng=None)`.
+
+  `implementation` (every variant): 'xla' runs the jnp block engine, 'pallas' the fused Pallas kernel
+  (GPU/TPU; interpret mode elsewhere), 'auto' the best available on the current backend.
+  """
 
   name: ClassVar[str] = ''
   needs_rng: ClassVar[bool] = False  # True for variants with random structure (bigbird, lsh).
+  supports_pallas: ClassVar[bool] = True
+  implementation: str = 'auto'
 
   def __post_init__(self):
+    if self.implementation not in IMPLEMENTATIONS:
+      raise ValueError(f'{self.name}: implementation must be one of {", ".join(IMPLEMENTATIONS)}, '
+                       f'got {self.implementation!r}.')
+    if self.implementation == 'pallas' and not self.supports_pallas:
+      raise ValueError(f'{self.name}: implementation="pallas" is not available for this variant; '
+                       'use "xla" or "auto".')
     self.validate()
+
+  @property
+  def impl(self) -> str:
+    """The engine actually used: 'xla' or 'pallas' ('auto' resolved for the default backend)."""
+    if self.implementation != 'auto':
+      return self.implementation
+    from efficient_attn.attention import engine  # pylint: disable=g-import-not-at-top
+    return engine.auto_implementation() if self.supports_pallas else 'xla'
 
   def validate(self) -> None:
     """Raises ValueError for invalid option values. Subclasses extend it."""

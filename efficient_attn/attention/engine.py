@@ -246,9 +246,14 @@ def _engine(static):
   return run
 
 
+def auto_implementation() -> str:
+  """The engine 'auto' picks on the default backend: the jnp engine until a fused kernel is proven."""
+  return 'xla'
+
+
 def block_sparse_attention(qb, kb, vb, *, kvalid, qpos, kpos, idx, valid,
                            visible: Optional[Callable[..., Any]] = None, aux=(), causal: bool = False,
-                           step: Optional[int] = None):
+                           step: Optional[int] = None, implementation: str = 'xla'):
   """Exact softmax attention of every query block over its listed key blocks.
 
   Args:
@@ -261,11 +266,19 @@ def block_sparse_attention(qb, kb, vb, *, kvalid, qpos, kpos, idx, valid,
     aux: a pytree of arrays the predicate reads.
     causal: also require j <= i.
     step: slots per scan step (default: about MAX_KEYS_PER_STEP keys per step).
+    implementation: 'xla' (this module) or 'pallas' (the fused kernel in pallas_engine.py).
 
   Returns:
     out [b, h, nq, Bq, d] in q's dtype (zeros where a query sees nothing) and
     lse float32 [b, h, nq, Bq] (log-sum-exp of the visible scores, MASK_VALUE where none).
   """
+  if implementation == 'pallas':
+    from efficient_attn.attention import pallas_engine  # pylint: disable=g-import-not-at-top
+    return pallas_engine.block_sparse_attention(qb, kb, vb, kvalid=kvalid, qpos=qpos, kpos=kpos,
+                                                idx=idx, valid=valid, visible=visible, aux=aux,
+                                                causal=causal)
+  if implementation != 'xla':
+    raise ValueError(f'implementation must be "xla" or "pallas", got {implementation!r}.')
   if step is None:
     step = slots_per_step(idx.shape[-1], kb.shape[3])
   return _engine((visible, bool(causal), int(step)))(qb, kb, vb, kvalid, qpos, kpos, idx, valid, aux)

@@ -166,6 +166,7 @@ class LSHAttention(Attention):
   """
 
   needs_rng = True
+  supports_pallas = False  # data-dependent chunks: the jnp path only
   bucket_size: int = 64
   num_hashes: int = 2
   num_buckets: int | None = None

@@ -43,7 +43,7 @@ def lse_from_blocks(lse, length: int):
 
 
 def run_engine(q, k, v, kvalid, *, qpos, kpos, causal, qblock, kblock, layout, visible=None, aux=(),
-               global_q_blocks=(), step=None):
+               global_q_blocks=(), step=None, implementation='xla'):
   """Runs the block engine on sequences and returns (out [b, nq, h, d], lse [b, nq, h]).
 
   Args:
@@ -53,6 +53,7 @@ def run_engine(q, k, v, kvalid, *, qpos, kpos, causal, qblock, kblock, layout, v
     qblock, kblock: block sizes; layout: (idx, valid) over the blocked sequences, or a function of
       (num_q_blocks, num_k_blocks) returning it.
     global_q_blocks: static query block indices that visit every key block instead of their layout row.
+    implementation: 'xla' (the jnp engine) or 'pallas' (the fused kernel), see engine.py.
   """
   nq_tokens = q.shape[1]
   qb, kb, vb = to_blocks(q, qblock), to_blocks(k, kblock), to_blocks(v, kblock)
@@ -60,7 +61,8 @@ def run_engine(q, k, v, kvalid, *, qpos, kpos, causal, qblock, kblock, layout, v
   qpos_b = pad_axis(qpos, 0, qb.shape[2] * qblock, -1).reshape(-1, qblock)
   kpos_b = pad_axis(kpos, 0, kb.shape[2] * kblock, -1).reshape(-1, kblock)
   idx, valid = layout(qb.shape[2], kb.shape[2]) if callable(layout) else layout
-  common = dict(kvalid=kvalid_b, kpos=kpos_b, visible=visible, aux=aux, causal=causal)
+  common = dict(kvalid=kvalid_b, kpos=kpos_b, visible=visible, aux=aux, causal=causal,
+                implementation=implementation)
   out, lse = block_sparse_attention(qb, kb, vb, qpos=qpos_b, idx=idx, valid=valid, step=step, **common)
   if global_q_blocks:
     g = np.asarray(global_q_blocks)
@@ -75,7 +77,7 @@ def positions(length: int):
   return jnp.arange(length, dtype=jnp.int32)
 
 
-def band_attention(q, k, v, padding_mask, causal, *, window, block):
+def band_attention(q, k, v, padding_mask, causal, *, window, block, implementation='xla'):
   """Local attention abs(i - j) <= window over one sequence: (out, lse)."""
   n = q.shape[1]
   block = fit_block(n, block)
@@ -83,7 +85,7 @@ def band_attention(q, k, v, padding_mask, causal, *, window, block):
   pos = positions(n)
   return run_engine(q, k, v, padding_mask, qpos=pos, kpos=pos, causal=causal, qblock=block,
                     kblock=block, layout=lambda nq, nk: band_layout(nq, reach, 0 if causal else reach),
-                    visible=P.Band(window))
+                    visible=P.Band(window), implementation=implementation)
 
 
 def residue_major(x, d: int):
@@ -125,6 +127,12 @@ class Full(Attention):
   """Plain softmax attention over every pair: O(n^2) memory. The baseline."""
 
   def _attend(self, q, k, v, *, padding_mask, causal, rng):
+    if self.impl == 'pallas':  # the trivial layout: every query block visits every key block
+      n = q.shape[1]
+      block = fit_block(n, 128)
+      pos = positions(n)
+      return run_engine(q, k, v, padding_mask, qpos=pos, kpos=pos, causal=causal, qblock=block,
+                        kblock=block, layout=all_blocks_layout, implementation='pallas')[0]
     mask = P.with_causal(padding_mask[:, None, None, :], causal)
     return dense_attention(q, k, v, mask=mask)
 
@@ -160,7 +168,8 @@ class Chunked(Attention):
     def one_chunk(args):
       q_chunk, q_pos = args  # [b, h, qc, d], [qc]
       out, _ = block_sparse_attention(q_chunk[:, :, None], kb, vb, kvalid=kvalid, qpos=q_pos[None],
-                                      kpos=kpos, idx=idx, valid=valid, causal=causal, step=1)
+                                      kpos=kpos, idx=idx, valid=valid, causal=causal, step=1,
+                                      implementation=self.impl)
       return out[:, :, 0]
 
     out = jax.lax.map(one_chunk, (jnp.moveaxis(qb, 2, 0), qpos))  # [nq, b, h, qc, d]
@@ -190,7 +199,8 @@ class Local(Attention):
 
   def _attend(self, q, k, v, *, padding_mask, causal, rng):
     block = self.block_size or auto_block(self.window)
-    return band_attention(q, k, v, padding_mask, causal, window=self.window, block=block)[0]
+    return band_attention(q, k, v, padding_mask, causal, window=self.window, block=block,
+                          implementation=self.impl)[0]
 
   def dense_mask(self, length, *, causal=False, rng=None, heads=None):
     return P.with_causal(P.Band(self.window)(*P.grid(length))[None], causal)
@@ -238,7 +248,7 @@ class Dilated(Attention):
       hs = slice(g * per, (g + 1) * per)
       qg, kg, vg = (residue_major(x[:, :, hs], d) for x in (q, k, v))
       out, _ = band_attention(qg, kg, vg, residue_major(padding_mask, d), causal, window=self.window,
-                              block=block)
+                              block=block, implementation=self.impl)
       outs.append(residue_major_inverse(out, d, n))
     return jnp.concatenate(outs, axis=2)
 
@@ -302,7 +312,8 @@ class Longformer(Attention):
     pos = positions(n)
     out, _ = run_engine(q, k, v, padding_mask, qpos=pos, kpos=pos, causal=causal, qblock=block,
                         kblock=block, layout=layout, visible=P.BandOrGlobal(self.window),
-                        aux=self._is_global(round_up(n, block), n), global_q_blocks=gblocks)
+                        aux=self._is_global(round_up(n, block), n), global_q_blocks=gblocks,
+                        implementation=self.impl)
     return out
 
   def dense_mask(self, length, *, causal=False, rng=None, heads=None):
@@ -334,7 +345,8 @@ class Strided(Attention):
   def _attend(self, q, k, v, *, padding_mask, causal, rng):
     n, l = q.shape[1], self.stride
     block = self.block_size or auto_block(l)
-    band = band_attention(q, k, v, padding_mask, causal, window=l, block=block)
+    band = band_attention(q, k, v, padding_mask, causal, window=l, block=block,
+                          implementation=self.impl)
     qr, kr, vr = (residue_major(x, l) for x in (q, k, v))
     m = qr.shape[1]
     cblock = fit_block(m, 128)
@@ -342,7 +354,7 @@ class Strided(Attention):
     # Each residue class has n / stride positions: one key block per scan step keeps memory linear.
     out, lse = run_engine(qr, kr, vr, residue_major(padding_mask, l), qpos=pos, kpos=pos,
                           causal=causal, qblock=cblock, kblock=cblock, layout=all_blocks_layout,
-                          visible=P.MinGap(2), step=1)
+                          visible=P.MinGap(2), step=1, implementation=self.impl)
     columns = residue_major_inverse(out, l, n), residue_major_inverse(lse, l, n)
     return merge_partials([band, columns])[0]
 
@@ -372,9 +384,10 @@ class Fixed(Attention):
     if l >= n:  # one group holds the whole sequence: plain attention.
       block = fit_block(n, l)
       return run_engine(q, k, v, padding_mask, qpos=pos, kpos=pos, causal=causal, qblock=block,
-                        kblock=block, layout=lambda nq, nk: band_layout(nq, 0, 0))[0]
+                        kblock=block, layout=lambda nq, nk: band_layout(nq, 0, 0),
+                        implementation=self.impl)[0]
     own = run_engine(q, k, v, padding_mask, qpos=pos, kpos=pos, causal=causal, qblock=l, kblock=l,
-                     layout=lambda nq, nk: band_layout(nq, 0, 0))
+                     layout=lambda nq, nk: band_layout(nq, 0, 0), implementation=self.impl)
     groups = -(-n // l)
 
     def summary_of(x):  # [b, n, ...] -> [b, groups * c, ...]: the last c positions of every group.
@@ -387,7 +400,7 @@ class Fixed(Attention):
     # The summary keys grow as n * summary / stride: one key block per scan step keeps memory linear.
     others = run_engine(q, ks, vs, ms, qpos=pos, kpos=spos, causal=causal, qblock=fit_block(n, 128),
                         kblock=fit_block(ks.shape[1], 128), layout=all_blocks_layout,
-                        visible=P.OtherGroup(l), step=1)
+                        visible=P.OtherGroup(l), step=1, implementation=self.impl)
     return merge_partials([own, others])[0]
 
   def dense_mask(self, length, *, causal=False, rng=None, heads=None):
@@ -484,7 +497,8 @@ class BigBird(Attention):
     idx, valid, g = self.layout(-(-n // bs), heads, rng, causal)
     pos = positions(n)
     return run_engine(q, k, v, padding_mask, qpos=pos, kpos=pos, causal=causal, qblock=bs,
-                      kblock=bs, layout=(idx, valid), global_q_blocks=g)[0]
+                      kblock=bs, layout=(idx, valid), global_q_blocks=g,
+                      implementation=self.impl)[0]
 
   def dense_mask(self, length, *, causal=False, rng=None, heads=None):
     self._check_rng(rng)
