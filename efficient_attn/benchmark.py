@@ -175,7 +175,7 @@ def main(argv=None) -> list[dict]:
   parser.add_argument('--causal', action='store_true', help='causal attention (default bidirectional)')
   parser.add_argument('--keys', type=int, default=512, help='about how many keys each query sees')
   parser.add_argument('--repeats', type=int, default=5, help='timed runs after one warm-up')
-  parser.add_argument('--memory_budget_gb', type=float, default=6.0,
+  parser.add_argument('--memory_budget_gb', type=float, default=12.0,
                       help='skip configurations whose compiled temporaries exceed this')
   parser.add_argument('--out', default='bench_out', help='folder for benchmark.json / benchmark.png')
   args = parser.parse_args(argv)

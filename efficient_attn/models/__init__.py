@@ -1,0 +1,18 @@
+"""Flax NNX Transformers over any attention variant: classifier, dual-encoder pair classifier, causal LM.
+
+    model = create_model(config.model, config.attention, kind='classify', vocab_size=256,
+                         num_classes=2, max_length=1024,
+                         rngs=nnx.Rngs(params=0, dropout=1, attention=2))
+    logits = model(inputs, mask, train=True)   # float32 [batch, num_classes]
+
+See `model_config_defaults` and `attention_config_defaults` for every option.
+"""
+from efficient_attn.models.config import (attention_config_defaults, model_config_defaults,
+                                          parse_layer_overrides, resolve_layer_attentions,
+                                          resolve_model_config)
+from efficient_attn.models.transformer import KINDS, count_params, create_model
+
+__all__ = [
+    'KINDS', 'attention_config_defaults', 'count_params', 'create_model', 'model_config_defaults',
+    'parse_layer_overrides', 'resolve_layer_attentions', 'resolve_model_config',
+]
