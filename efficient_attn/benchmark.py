@@ -8,8 +8,8 @@ For each (variant, length): the compiled temp memory of `jit(grad)` (XLA's memor
 running anything), then the median wall time of the forward and of forward+backward over `--repeats` runs
 after a warm-up. A configuration whose compiled memory exceeds `--memory_budget_gb` is reported as out of
 reach instead of run. Prints a Markdown table with the speed-up and memory ratio against `full` and
-`chunked`, and writes `benchmark.json` and `benchmark.png` (time and memory against length, log-log) to
-`--out`. Default options see about `--keys` keys per query (`preset_options`).
+`chunked`, and writes `benchmark.json`, `benchmark.md` (the table) and `benchmark.png` (time and memory
+against length, log-log) to `--out`. Default options see about `--keys` keys per query (`preset_options`).
 """
 from __future__ import annotations
 
@@ -153,7 +153,8 @@ def plot(rows: list[dict], path: str, title: str) -> None:
     ax.set_xlabel('sequence length')
     ax.set_ylabel(label)
     ax.grid(True, which='both', alpha=0.3)
-  ax_t.legend(fontsize=8)
+  if ax_t.lines:
+    ax_t.legend(fontsize=8)
   fig.suptitle(title, fontsize=9)
   fig.tight_layout()
   fig.savefig(path, dpi=110)
@@ -206,8 +207,10 @@ def main(argv=None) -> list[dict]:
   os.makedirs(args.out, exist_ok=True)
   with open(os.path.join(args.out, 'benchmark.json'), 'w') as f:
     json.dump(dict(machine=header, rows=rows), f, indent=1)
+  with open(os.path.join(args.out, 'benchmark.md'), 'w') as f:
+    f.write(f'{header}\n\n{table}\n')
   plot(rows, os.path.join(args.out, 'benchmark.png'), header)
-  print(f'wrote {args.out}/benchmark.json and {args.out}/benchmark.png')
+  print(f'wrote {args.out}/benchmark.json, benchmark.md and benchmark.png')
   return rows
 
 
