@@ -110,6 +110,7 @@ class Attention:
 
   def __call__(self, q, k, v, *, padding_mask=None, causal=False, rng=None):
     """Attention output [batch, length, heads, head_dim], q's dtype; zeros at padded queries."""
+    q, k, v = jnp.asarray(q), jnp.asarray(k), jnp.asarray(v)
     self._check_inputs(q, k, v, padding_mask)
     rng = self._check_rng(rng)
     b, n = q.shape[:2]

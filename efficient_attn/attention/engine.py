@@ -160,8 +160,7 @@ def _split_steps(idx, valid, step):
 
 def _forward(static, qb, kb, vb, kvalid, qpos, kpos, idx, valid, aux):
   visible, causal, step = static
-  b, h, nq, bq, d = qb.shape
-  scale = d ** -0.5
+  scale = qb.shape[-1] ** -0.5
   idx_steps, valid_steps = _split_steps(idx, valid, step)
 
   def body(carry, xs):
@@ -178,8 +177,10 @@ def _forward(static, qb, kb, vb, kvalid, qpos, kpos, idx, valid, aux):
         'bhqij,bhqjd->bhqid', p.astype(vb.dtype), vg, preferred_element_type=jnp.float32)
     return (m_new, l, acc), None
 
-  init = (jnp.full((b, h, nq, bq), MASK_VALUE, jnp.float32), jnp.zeros((b, h, nq, bq), jnp.float32),
-          jnp.zeros((b, h, nq, bq, d), jnp.float32))
+  # Carries built *like* the inputs, so they keep the inputs' sharding under an explicit mesh.
+  row = qb[..., 0]
+  init = (jnp.full_like(row, MASK_VALUE, jnp.float32), jnp.zeros_like(row, jnp.float32),
+          jnp.zeros_like(qb, jnp.float32))
   (m, l, acc), _ = jax.lax.scan(body, init, (idx_steps, valid_steps))
   seen = l > 0
   out = (acc / jnp.where(seen, l, 1.0)[..., None]).astype(qb.dtype)
@@ -216,8 +217,8 @@ def _backward(static, residuals, cotangents):
     dv = _scatter_add_blocks(dv, idx_s, unmerge(dv_s))
     return (dq, dk, dv), None
 
-  init = (jnp.zeros(qb.shape, jnp.float32), jnp.zeros(kb.shape, jnp.float32),
-          jnp.zeros(vb.shape, jnp.float32))
+  init = (jnp.zeros_like(qb, jnp.float32), jnp.zeros_like(kb, jnp.float32),
+          jnp.zeros_like(vb, jnp.float32))
   (dq, dk, dv), _ = jax.lax.scan(body, init, (idx_steps, valid_steps))
   zero_aux = jax.tree.map(_zero_cotangent, aux)
   return (dq.astype(qb.dtype), dk.astype(kb.dtype), dv.astype(vb.dtype), _zero_cotangent(kvalid),

@@ -14,7 +14,7 @@ device (forward and gradient). Each device owns the `s = n / devices` consecutiv
   rows      attends them over its own keys and the partial results combine by a log-sum-exp all-reduce.
   ring      keys that can be anywhere (full/chunked; strided's columns): the key/value shards travel
             round the ring (`ppermute`), partial softmaxes merged online; a custom VJP sends the key/value
-            gradients round the ring too, so no device ever holds more than two key/value shards.
+            gradients round the ring too, so a device holds only its own shard and the one in flight.
   collect   bigbird's random blocks: the shards travel round the ring and each device copies out the
             blocks its layout lists (drawn once from `rng` by `BigBird.layout`, as on one device).
 
@@ -29,8 +29,7 @@ because every cotangent that reaches them is per device.
 from __future__ import annotations
 
 import dataclasses
-import math
-from typing import Any, Callable, Optional
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -41,7 +40,7 @@ from efficient_attn.attention import patterns as P
 from efficient_attn.attention.api import Attention
 from efficient_attn.attention.dense import MASK_VALUE
 from efficient_attn.attention.engine import (all_blocks_layout, block_sparse_attention, from_blocks,
-                                             pad_axis, round_up, to_blocks)
+                                             mask_to_blocks, pad_axis, round_up, to_blocks)
 from efficient_attn.attention.variants import (auto_block, fit_block, lse_from_blocks,
                                                residue_major, residue_major_inverse, run_engine)
 
@@ -154,6 +153,20 @@ def gather_positions(x, positions, sh: Shard):
   return jnp.take(everyone, jnp.asarray(select), axis=1)
 
 
+def realign(x, old: int, new: int, sh: Shard):
+  """Re-cuts the sharded sequence: device p holds rows [p * old, (p + 1) * old) and gets [p * new,
+  (p + 1) * new) (zeros past the end). Used to pad shards to whole blocks; fetches only the neighbouring
+  shards the new range overlaps."""
+  if old == new:
+    return x
+  first = min((p * new) // old - p for p in range(sh.size))
+  last = max((p * new + new - 1) // old - p for p in range(sh.size))
+  pieces = [shift(x, -t, sh) if t else x for t in range(first, last + 1)]  # shard p + t
+  rows = jnp.concatenate(pieces, axis=1)  # starts at position (p + first) * old
+  offset = sh.index() * new - (sh.index() + first) * old
+  return jax.lax.dynamic_slice_in_dim(rows, offset, new, axis=1)
+
+
 def merge(parts):
   """Like `engine.merge_partials` but keeps the output in float32 (further merges may follow)."""
   lses = jnp.stack([lse for _, lse in parts])
@@ -206,8 +219,8 @@ def halo_attention(q, k, v, mask, *, left: int, right: int, visible, causal: boo
   block = fit_block(sh.length, block)
   # Query m sits at halo row m + left; a capped halo (lo < 0) already holds every existing key.
   return sliding_attention(q, ke, ve, me, qpos=sh.positions(), kpos=kpos, lo=left - reach_left,
-                           hi=left + reach_right,
-                           block=block, visible=visible, aux=aux, causal=causal, impl=sh.impl)
+                           hi=left + reach_right, block=block, visible=visible, aux=aux,
+                           causal=causal, impl=sh.impl)
 
 
 def dilated_band(q, k, v, mask, *, window: int, dilation: int, causal: bool, block: int, sh: Shard):
@@ -266,8 +279,9 @@ def ring_attention(attend: Callable[..., Any], sh: Shard, causal: bool):
   that came from device `src` (me: this device's index), over [b, rows, h, d] arrays. The shards travel
   round the ring with `ppermute` (size - 1 hops) and the partial results merge online. The backward pass
   sends the shards round again together with their gradient accumulators, recomputing each step's partial
-  result (a flash-attention-style backward through the engine's own VJP), so a device holds at most two
-  key/value shards in either pass. With `causal`, shards from later devices are skipped (`lax.cond`).
+  result (a flash-attention-style backward through the engine's own VJP), so a device holds its own and
+  one travelling key/value shard (and their gradients) in either pass: memory O(s), not O(n). With
+  `causal`, shards from later devices hold no visible key and are skipped (`lax.cond`).
   """
   size, axis = sh.size, sh.axis
   ring_pairs = [(i, (i + 1) % size) for i in range(size)]
@@ -397,19 +411,36 @@ def ring_collect(per_head, shared, wanted, *, blocks_per_shard: int, sh: Shard):
 
 
 def _plan_full(attn, *, n, sh, causal, heads, rng):
+  """full / chunked: ring attention. Each ring step is the engine over every key block of the shard in
+  flight; `chunked` also walks its query chunks one at a time (`lax.map`), as on one device."""
   del n, heads, rng
   s = sh.length
-  if attn.name == 'chunked':
-    qblock, kblock, step = fit_block(s, attn.query_chunk), fit_block(s, attn.key_chunk), 1
-  else:
-    qblock = kblock = fit_block(s, 128)
-    step = None
+  chunked = attn.name == 'chunked'
+  qblock = fit_block(s, attn.query_chunk if chunked else 128)
+  kblock = fit_block(s, attn.key_chunk if chunked else 128)
 
   def attend(q, k, v, kvalid, src, me):
     qpos = me * s + jnp.arange(s, dtype=jnp.int32)
     kpos = src * s + jnp.arange(s, dtype=jnp.int32)
-    return run_engine(q, k, v, kvalid, qpos=qpos, kpos=kpos, causal=causal, qblock=qblock,
-                      kblock=kblock, layout=all_blocks_layout, step=step, implementation=sh.impl)
+    if not chunked:
+      return run_engine(q, k, v, kvalid, qpos=qpos, kpos=kpos, causal=causal, qblock=qblock,
+                        kblock=kblock, layout=all_blocks_layout, implementation=sh.impl)
+    kb, vb, kvalid_b = to_blocks(k, kblock), to_blocks(v, kblock), mask_to_blocks(kvalid, kblock)
+    kpos_b = pad_axis(kpos, 0, kb.shape[2] * kblock, -1).reshape(-1, kblock)
+    qb = to_blocks(q, qblock)  # [b, h, nq, qc, d]
+    qpos_b = pad_axis(qpos, 0, qb.shape[2] * qblock, -1).reshape(-1, qblock)
+    idx, valid = all_blocks_layout(1, kb.shape[2])
+
+    @jax.checkpoint
+    def one_chunk(args):
+      q_chunk, q_pos = args  # [b, h, qc, d], [qc]
+      out, lse = block_sparse_attention(q_chunk[:, :, None], kb, vb, kvalid=kvalid_b, qpos=q_pos[None],
+                                        kpos=kpos_b, idx=idx, valid=valid, causal=causal, step=1,
+                                        implementation=sh.impl)
+      return out[:, :, 0], lse[:, :, 0]
+
+    out, lse = jax.lax.map(one_chunk, (jnp.moveaxis(qb, 2, 0), qpos_b))
+    return from_blocks(jnp.moveaxis(out, 0, 2), s), lse_from_blocks(jnp.moveaxis(lse, 0, 2), s)
 
   def run(q, k, v, mask):
     return ring_attention(attend, sh, causal)(q, k, v, mask)[0]
@@ -589,7 +620,7 @@ def _plan_bigbird(attn, *, n, sh, causal, heads, rng):
     if r:
       # Random blocks differ per head, so heads fold into the batch: every (batch, head) row has its own
       # sb * r key blocks, and an invalid slot becomes a block of masked keys. Causality needs no
-      # positions: random blocks are never the query's own block, and the layout already dropped later ones.
+      # positions: a random block is never the query's own block, and the layout dropped later ones.
       kb, vb = to_blocks(k, bs), to_blocks(v, bs)  # [b, h, sb, bs, d]
       mb = mask.reshape(b, sb, bs)
       (rk, rv), (rm,) = ring_collect((kb, vb), (mb,), own_idx[:, :, fixed:], blocks_per_shard=sb,
@@ -598,9 +629,9 @@ def _plan_bigbird(attn, *, n, sh, causal, heads, rng):
       qb = to_blocks(q, bs).reshape(b * h, 1, sb, bs, d)
       rk, rv = (x.reshape(b * h, 1, sb * r, bs, d) for x in (rk, rv))
       ridx = (jnp.arange(sb, dtype=jnp.int32)[:, None] * r + jnp.arange(r, dtype=jnp.int32))[None]
-      zeros = jnp.zeros((max(sb, sb * r), bs), jnp.int32)
       out, lse = block_sparse_attention(qb, rk, rv, kvalid=rm.reshape(b * h, sb * r, bs),
-                                        qpos=zeros[:sb], kpos=zeros[:sb * r], idx=ridx,
+                                        qpos=jnp.zeros((sb, bs), jnp.int32),
+                                        kpos=jnp.zeros((sb * r, bs), jnp.int32), idx=ridx,
                                         valid=jnp.ones(ridx.shape, bool), implementation=sh.impl)
       out, lse = out.reshape(b, h, sb, bs, d), lse.reshape(b, h, sb, bs)
       parts.append((from_blocks(out, s), lse_from_blocks(lse, s)))
@@ -641,20 +672,19 @@ def _resolve_mesh(mesh):
   return mesh
 
 
-def _place(x, mesh, axis):
-  """Shards x's length axis (axis 1) over `axis`, keeping its batch sharding on other axes if any."""
-  spec = [None] * x.ndim
-  if mesh.axis_types[mesh.axis_names.index(axis)] == jax.sharding.AxisType.Explicit:
-    current = getattr(jax.typeof(x).sharding, 'spec', None)
-    if current is not None and len(current) and current[0] is not None:
-      names = current[0] if isinstance(current[0], tuple) else (current[0],)
-      if axis not in names:
-        spec[0] = current[0]
-    spec[1] = axis
-    target = PartitionSpec(*spec)
-    return jax.reshard(x, NamedSharding(mesh, target) if isinstance(mesh, jax.sharding.Mesh)
-                       else target)
-  return x
+def _batch_entry(x, mesh, axis):
+  """The mesh axes x's batch dimension is explicitly sharded over (None if none, or if they include
+  `axis`): the sequence-parallel call keeps them."""
+  spec = getattr(jax.typeof(x).sharding, 'spec', None)
+  if spec is None or not len(spec) or spec[0] is None:
+    return None
+  names = spec[0] if isinstance(spec[0], tuple) else (spec[0],)
+  return None if axis in names or not set(names) <= set(mesh.axis_names) else spec[0]
+
+
+def _explicit_axes(mesh) -> frozenset:
+  return frozenset(name for name, kind in zip(mesh.axis_names, mesh.axis_types)
+                   if kind == jax.sharding.AxisType.Explicit)
 
 
 def sequence_parallel_attention(attn: Attention, q, k, v, *, padding_mask=None, causal: bool = False,
@@ -672,8 +702,8 @@ def sequence_parallel_attention(attn: Attention, q, k, v, *, padding_mask=None, 
 
   Returns:
     [batch, length, heads, head_dim] in q's dtype, equal to `attn(q, k, v, ...)` (zeros at padded
-    queries). Lengths that the axis does not divide (for bigbird: axis size * block_size) are padded
-    internally with masked positions.
+    queries). The length must be divisible by the axis size; bigbird shards that do not hold whole
+    blocks are padded internally with masked positions.
   """
   if not isinstance(attn, Attention):
     raise ValueError(f'sequence_parallel_attention: attn must be an Attention from make_attention, '
@@ -689,17 +719,39 @@ def sequence_parallel_attention(attn: Attention, q, k, v, *, padding_mask=None, 
                      f'{", ".join(mesh.axis_names)}.')
   size = mesh.shape[axis]
   b, n, heads = q.shape[:3]
-  unit = size * (attn.block_size if attn.name == 'bigbird' else 1)
-  n_pad = round_up(n, unit)
+  if n % size:
+    raise ValueError(f'sequence_parallel_attention: length {n} is not divisible by the {size} devices '
+                     f'of mesh axis {axis!r}; pad the sequence (with padding_mask False) first.')
+  s = n // size
+  # Bigbird needs shards of whole blocks: inside, every shard grows to a multiple of block_size (the
+  # extra positions are masked) and the output is cut back.
+  unit = attn.block_size if attn.name == 'bigbird' else 1
+  s_run = round_up(n, size * unit) // size
   mask = jnp.ones((b, n), bool) if padding_mask is None else jnp.asarray(padding_mask, bool)
-  q, k, v = (pad_axis(jnp.asarray(x), 1, n_pad) for x in (q, k, v))
-  mask_pad = pad_axis(mask, 1, n_pad, False)
-  sh = Shard(axis=axis, size=size, length=n_pad // size, impl=attn.impl)
+  sh = Shard(axis=axis, size=size, length=s_run, impl=attn.impl)
   run, replicated = _PLANS[attn.name](attn, n=n, sh=sh, causal=bool(causal), heads=heads, rng=rng)
-  seq = PartitionSpec(None, axis)
-  q, k, v, mask_pad = (_place(x, mesh, axis) for x in (q, k, v, mask_pad))
-  out = jax.shard_map(
-      lambda q, k, v, m, *rep: run(q, k, v, m, *rep).astype(q.dtype), mesh=mesh,
-      in_specs=(seq,) * 4 + (PartitionSpec(),) * len(replicated), out_specs=seq,
-      axis_names=frozenset({axis}), check_vma=False)(q, k, v, mask_pad, *replicated)
-  return jnp.where(mask[:, :, None, None], out[:, :n], 0).astype(q.dtype)
+
+  def per_device(q, k, v, m, *rep):
+    q_run, k_run, v_run, m_run = (realign(x, s, s_run, sh) for x in (q, k, v, m))
+    out = run(q_run, k_run, v_run, m_run, *rep).astype(q.dtype)
+    return realign(out, s_run, s, sh)
+
+  # Explicit axes become manual too: inside, every array is then a plain local one (the engine's scans
+  # do not carry explicit shardings). The batch keeps its sharding; heads and head_dim are gathered
+  # (per-head layouts such as bigbird's index all heads). Auto axes stay with the compiler.
+  manual = _explicit_axes(mesh) | {axis}
+  batch = None
+  if axis in _explicit_axes(mesh):
+    batch = _batch_entry(q, mesh, axis)
+    place = lambda x, spec: jax.reshard(
+        x, NamedSharding(mesh, spec) if isinstance(mesh, jax.sharding.Mesh) else spec)
+    q, k, v = (place(jnp.asarray(x), PartitionSpec(batch, axis, None, None)) for x in (q, k, v))
+    mask = place(mask, PartitionSpec(batch, axis))
+  seq = PartitionSpec(batch, axis)
+  sharded = jax.shard_map(per_device, mesh=mesh,
+                          in_specs=(seq,) * 4 + (PartitionSpec(),) * len(replicated), out_specs=seq,
+                          axis_names=manual, check_vma=False)
+  # Under jit always: eager shard_map with some axes left automatic fails in jax 0.10 (inlined when the
+  # caller is jitted already).
+  out = jax.jit(sharded)(q, k, v, mask, *replicated)
+  return jnp.where(mask[:, :, None, None], out, 0).astype(q.dtype)

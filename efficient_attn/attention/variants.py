@@ -69,7 +69,12 @@ def run_engine(q, k, v, kvalid, *, qpos, kpos, causal, qblock, kblock, layout, v
     g_idx, g_valid = all_blocks_layout(len(g), kb.shape[2])
     g_out, g_lse = block_sparse_attention(qb[:, :, g], kb, vb, qpos=qpos_b[g], idx=g_idx,
                                           valid=g_valid, **common)
-    out, lse = out.at[:, :, g].set(g_out), lse.at[:, :, g].set(g_lse)
+    # Put the global rows in place with a static gather (a scatter's output sharding is ambiguous
+    # under an explicit mesh): block a reads row a of `out`, or its row in `g_out` if a is global.
+    rows = np.arange(qb.shape[2])
+    rows[g] = qb.shape[2] + np.arange(len(g))
+    out = jnp.concatenate([out, g_out], axis=2)[:, :, rows]
+    lse = jnp.concatenate([lse, g_lse], axis=2)[:, :, rows]
   return from_blocks(out, nq_tokens), lse_from_blocks(lse, nq_tokens)
 
 
