@@ -78,7 +78,8 @@ class Attention:
   """Base class of every variant. Call it as `attn(q, k, v, padding_mask=None, causal=False, rng=None)`.
 
   `implementation` (every variant): 'xla' runs the jnp block engine, 'pallas' the fused Pallas kernel
-  (GPU/TPU; interpret mode elsewhere), 'auto' the best available on the current backend.
+  (GPU Triton kernels; interpret mode on CPU; not TPU), 'auto' the best proven on the current backend
+  (today the jnp engine everywhere: docs/kernels.md).
   """
 
   name: ClassVar[str] = ''
