@@ -111,8 +111,13 @@ def _fmt_ratio(x):
   return '' if x is None else f'{x:.1f}x'
 
 
+def _fmt_fraction(x):
+  """A memory ratio variant / baseline: '1/14.5' when smaller, '2.9x' when larger."""
+  return f'1/{1 / x:.1f}' if x < 1 else f'{x:.1f}x'
+
+
 def markdown_table(rows: list[dict]) -> str:
-  """Rows grouped by length; ratios are baseline / variant (higher is better for the variant)."""
+  """Rows grouped by length. Speed-up = baseline time / variant time; memory = variant / baseline."""
   by = {(r['variant'], r['length']): r for r in rows}
   lines = ['| n | variant | fwd ms | fwd+bwd ms | temp MiB | speed-up vs full | memory vs full | '
            'speed-up vs chunked | memory vs chunked |', '|' + '---|' * 9]
@@ -129,7 +134,7 @@ def markdown_table(rows: list[dict]) -> str:
           cells += ['', '']
         else:
           cells += [_fmt_ratio(b['fwd_bwd_s'] / r['fwd_bwd_s']),
-                    f'1/{b["temp_bytes"] / max(r["temp_bytes"], 1):.1f}']
+                    _fmt_fraction(r['temp_bytes'] / max(b['temp_bytes'], 1))]
       lines.append('| ' + ' | '.join(cells) + ' |')
   return '\n'.join(lines)
 
@@ -179,7 +184,13 @@ def main(argv=None) -> list[dict]:
   parser.add_argument('--memory_budget_gb', type=float, default=12.0,
                       help='skip configurations whose compiled temporaries exceed this')
   parser.add_argument('--out', default='bench_out', help='folder for benchmark.json / benchmark.png')
+  parser.add_argument('--render', metavar='JSON',
+                      help='only re-render the table and plot of a saved benchmark.json into --out')
   args = parser.parse_args(argv)
+  if args.render:
+    with open(args.render) as f:
+      saved = json.load(f)
+    return _report(saved['rows'], saved['machine'], args.out)
 
   lengths = [int(x) for x in args.lengths.split(',') if x]
   variants = [v for v in args.variants.split(',') if v] + (['cudnn'] if args.cudnn else [])
@@ -201,16 +212,21 @@ def main(argv=None) -> list[dict]:
   header = (f'{machine_name()}; jax {jax.__version__}; {datetime.date.today()}; batch {args.batch}, '
             f'{args.heads} heads, head_dim {args.head_dim}, {args.dtype}, '
             f'{"causal" if args.causal else "bidirectional"}, ~{args.keys} keys per query')
+  return _report(rows, header, args.out)
+
+
+def _report(rows: list[dict], header: str, out: str) -> list[dict]:
+  """Prints the table and writes benchmark.json / .md / .png to `out`."""
   table = markdown_table(rows)
   print(header)
   print(table)
-  os.makedirs(args.out, exist_ok=True)
-  with open(os.path.join(args.out, 'benchmark.json'), 'w') as f:
+  os.makedirs(out, exist_ok=True)
+  with open(os.path.join(out, 'benchmark.json'), 'w') as f:
     json.dump(dict(machine=header, rows=rows), f, indent=1)
-  with open(os.path.join(args.out, 'benchmark.md'), 'w') as f:
+  with open(os.path.join(out, 'benchmark.md'), 'w') as f:
     f.write(f'{header}\n\n{table}\n')
-  plot(rows, os.path.join(args.out, 'benchmark.png'), header)
-  print(f'wrote {args.out}/benchmark.json, benchmark.md and benchmark.png')
+  plot(rows, os.path.join(out, 'benchmark.png'), header)
+  print(f'wrote {out}/benchmark.json, benchmark.md and benchmark.png')
   return rows
 
 
