@@ -209,6 +209,9 @@ def main(argv=None) -> list[dict]:
     rows.append(measure(v, n, batch=args.batch, heads=args.heads, head_dim=args.head_dim,
                         dtype=dtype, causal=args.causal, repeats=args.repeats, keys=args.keys,
                         memory_budget=args.memory_budget_gb * 2**30))
+    os.makedirs(args.out, exist_ok=True)  # keep what is measured so far, should a long sweep stop
+    with open(os.path.join(args.out, 'partial.json'), 'w') as f:
+      json.dump(rows, f)
   header = (f'{machine_name()}; jax {jax.__version__}; {datetime.date.today()}; batch {args.batch}, '
             f'{args.heads} heads, head_dim {args.head_dim}, {args.dtype}, '
             f'{"causal" if args.causal else "bidirectional"}, ~{args.keys} keys per query')

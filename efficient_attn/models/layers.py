@@ -18,6 +18,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from efficient_attn import sharding
+from efficient_attn.attention import sequence_parallel
 from efficient_attn.attention.api import Attention
 from efficient_attn.attention.dense import dense_attention
 
@@ -190,12 +192,35 @@ class SelfAttention(nnx.Module):
     impl = jax.random.key_impl(self.rng.key[...])
     return jax.random.fold_in(jax.random.key(0, impl=impl), self.layer_index)
 
+  def attend(self, q: jax.Array, k: jax.Array, v: jax.Array, padding_mask: jax.Array, *,
+             causal: bool, rng: jax.Array | None) -> jax.Array:
+    """The attention call on [batch, length, heads, head_dim]; split over the mesh's 'sequence' axis
+    (`sequence_parallel_attention`) when it is > 1 and sequence parallelism is on (see
+    `sharding.use_rules`). The length is padded (masked) to a multiple of the axis size; bigbird,
+    whose random layout depends on the length, and lsh (unsupported) then run unsplit."""
+    size = sharding.sequence_axis_size()
+    name = self.attention.name
+    n = q.shape[1]
+    pad = -n % size
+    if size == 1 or name not in sequence_parallel.SUPPORTED or (pad and name == 'bigbird'):
+      return self.attention(q, k, v, padding_mask=padding_mask, causal=causal, rng=rng)
+    if pad:
+      widths = ((0, 0), (0, pad), (0, 0), (0, 0))
+      q, k, v = (jnp.pad(t, widths) for t in (q, k, v))
+      padding_mask = jnp.pad(padding_mask, ((0, 0), (0, pad)))
+    y = sequence_parallel.sequence_parallel_attention(self.attention, q, k, v,
+                                                      padding_mask=padding_mask, causal=causal,
+                                                      rng=rng, axis='sequence')
+    return y[:, :n]
+
   def __call__(self, x: jax.Array, padding_mask: jax.Array, *, causal: bool,
                train: bool) -> jax.Array:
     """x [batch, length, embed], padding_mask bool [batch, length] -> [batch, length, embed]."""
-    q, k, v = self.query(x), self.key(x), self.value(x)
-    y = self.attention(q, k, v, padding_mask=padding_mask, causal=causal,
-                       rng=self.attention_key(train))
+    # Logical-name constraints (a no-op without a mesh) keep q/k/v split by batch, length and heads.
+    q, k, v = (sharding.constrain(p(x), sharding.ACTIVATION_BLHD)
+               for p in (self.query, self.key, self.value))
+    y = sharding.constrain(self.attend(q, k, v, padding_mask, causal=causal,
+                                       rng=self.attention_key(train)), sharding.ACTIVATION_BLHD)
     if self.has_global_projections:
       positions = global_positions(self.global_tokens, x.shape[1])
       if positions.size:
@@ -203,7 +228,7 @@ class SelfAttention(nnx.Module):
         yg = global_rows_attention(qg, self.global_key(x), self.global_value(x), positions,
                                    padding_mask=padding_mask, causal=causal)
         y = y.at[:, positions].set(yg.astype(y.dtype))
-    return self.out(y)
+    return sharding.constrain(self.out(y), sharding.ACTIVATION_BLE)
 
 
 class Block(nnx.Module):
@@ -223,6 +248,8 @@ class Block(nnx.Module):
 
   def __call__(self, x: jax.Array, padding_mask: jax.Array, *, causal: bool,
                train: bool) -> jax.Array:
+    # The residual stream (for block 0: the embeddings) split by batch and length on the mesh.
+    x = sharding.constrain(x, sharding.ACTIVATION_BLE)
     h = self.attention(self.attention_norm(x), padding_mask, causal=causal, train=train)
     x = x + self.dropout(h, deterministic=not train)
     h = self.mlp(self.mlp_norm(x))

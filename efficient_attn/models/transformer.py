@@ -85,8 +85,10 @@ class Encoder(nnx.Module):
     if length > self.max_length:
       raise ValueError(f'input length {length} exceeds the model max_length {self.max_length}.')
     if self.prepend_cls:
-      inputs = jnp.concatenate([jnp.full((b, 1), self.vocab_size, inputs.dtype), inputs], axis=1)
-      mask = jnp.concatenate([jnp.ones((b, 1), bool), mask], axis=1)
+      # Built *like* the first column, so they keep the batch sharding under an explicit mesh.
+      cls = jnp.full_like(inputs[:, :1], self.vocab_size)
+      inputs = jnp.concatenate([cls, inputs], axis=1)
+      mask = jnp.concatenate([jnp.ones_like(mask[:, :1]), mask], axis=1)
     n = inputs.shape[1]
     x = jnp.take(self.token_embedding[...], inputs, axis=0)
     if self.positional == 'learned':

@@ -1,0 +1,157 @@
+"""Config files: argument parsing, every task's config, LRA values, locking, one-line CLI errors."""
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+import efficient_attn as ea
+from configs import common
+from configs import image, listops, lm, pathfinder, retrieval, text
+from efficient_attn import models
+from efficient_attn import optimization
+from efficient_attn import train_lib
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TASK_CONFIGS = {'listops': listops, 'text': text, 'retrieval': retrieval, 'image': image,
+                'pathfinder': pathfinder, 'lm': lm}
+
+
+# -- argument parsing ------------------------------------------------------------------------------
+
+
+def test_parse_arg_defaults_and_values():
+  args = common.parse_arg(None, **common.ARG_DEFAULTS)
+  assert (args.attention, args.quick, args.tiny) == ('full', False, False)
+  args = common.parse_arg('attention=bigbird,quick', **common.ARG_DEFAULTS)
+  assert (args.attention, args.quick) == ('bigbird', True)
+  args = common.parse_arg(' quick=false , attention=local ', **common.ARG_DEFAULTS)
+  assert (args.attention, args.quick) == ('local', False)
+  typed = common.parse_arg('n=3,x=0.5', n=1, x=1.0)
+  assert typed.n == 3 and isinstance(typed.n, int) and typed.x == 0.5
+
+
+@pytest.mark.parametrize('arg, message', [
+    ('quik', "Unknown config argument 'quik'"),
+    ('attention=local,attention=full', 'given twice'),
+    ('quick=maybe', 'true/false'),
+    ('attention', 'needs a value'),
+])
+def test_parse_arg_errors(arg, message):
+  with pytest.raises(ValueError, match=message):
+    common.parse_arg(arg, **common.ARG_DEFAULTS)
+
+
+def test_parse_arg_type_errors():
+  with pytest.raises(ValueError, match='integer'):
+    common.parse_arg('n=x', n=1)
+
+
+# -- every task config -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize('task', sorted(TASK_CONFIGS))
+@pytest.mark.parametrize('arg', [None, 'quick', 'tiny', 'attention=local,quick'])
+def test_every_task_config_builds_and_validates(task, arg):
+  config = TASK_CONFIGS[task].get_config(arg)
+  assert config.task == task and config.data.task == task
+  train_lib.check_config(config)  # raises on anything the loop would reject
+  models.resolve_model_config(config.model)
+  attentions = models.resolve_layer_attentions(config.attention, config.model.num_layers)
+  assert len(attentions) == config.model.num_layers
+  expected = 'local' if arg and 'local' in arg else 'full'
+  assert all(a.name == expected for a in attentions)
+  assert dict(config.mesh) == {'data': -1, 'fsdp': 1, 'tensor': 1, 'sequence': 1}
+  if arg in ('quick', 'tiny'):
+    full = TASK_CONFIGS[task].get_config(None)
+    assert config.train.steps < full.train.steps
+    assert config.model.emb_dim <= full.model.emb_dim
+
+
+@pytest.mark.parametrize('name', ea.ATTENTION_NAMES)
+def test_attention_argument_gives_the_variant_with_its_defaults(name):
+  config = listops.get_config(f'attention={name},quick')
+  assert config.attention.name == name
+  attentions = models.resolve_layer_attentions(config.attention, config.model.num_layers)
+  assert {a.name for a in attentions} == {name}
+  assert train_lib.variant_name(config) == name
+
+
+def test_unknown_variant_is_a_clear_error():
+  with pytest.raises(ValueError, match=r"Unknown attention variant 'nope'; valid variants: full"):
+    listops.get_config('attention=nope')
+
+
+def test_config_is_locked_against_typos_but_fields_can_be_set():
+  config = listops.get_config('quick')
+  with pytest.raises(AttributeError, match='stpes'):
+    config.train.stpes = 3
+  with pytest.raises(AttributeError):
+    config.new_section = 1
+  config.train.steps = 3  # existing fields stay overridable (as --config.train.steps=3 does)
+  assert config.train.steps == 3
+
+
+def test_listops_follows_the_lra_setup():
+  c = listops.get_config()
+  assert (c.model.num_layers, c.model.num_heads, c.model.emb_dim, c.model.mlp_dim) == (4, 8, 512,
+                                                                                      1024)
+  assert (c.train.batch_size, c.train.steps) == (32, 5000)
+  assert c.data.max_length == 2000
+  assert c.optimizer.schedule == 'rsqrt' and c.optimizer.warmup_steps == 1000
+  assert math.isclose(c.optimizer.learning_rate, 0.05 / math.sqrt(1000))
+  assert (c.optimizer.b1, c.optimizer.b2) == (0.9, 0.98) and c.optimizer.weight_decay > 0
+  # The rsqrt schedule peaks at the end of warmup (~1.6e-3) and then decays as 1/sqrt(step).
+  lr = optimization.learning_rate_schedule(c.optimizer, c.train.steps)
+  assert math.isclose(float(lr(999)), 0.05 / math.sqrt(1000), rel_tol=1e-5)
+  assert math.isclose(float(lr(3999)), 0.05 / math.sqrt(4000), rel_tol=1e-5)
+  assert float(lr(0)) < float(lr(500)) < float(lr(999))
+
+
+def test_other_tasks_follow_their_published_sizes():
+  t = text.get_config()
+  assert (t.model.num_layers, t.model.num_heads, t.model.emb_dim, t.model.mlp_dim) == (4, 4, 256,
+                                                                                      1024)
+  assert t.train.steps == 20_000
+  r = retrieval.get_config()
+  assert (r.model.num_layers, r.model.num_heads, r.model.emb_dim, r.model.mlp_dim) == (4, 4, 128,
+                                                                                      512)
+  i = image.get_config()
+  assert (i.model.num_layers, i.model.emb_dim, i.train.batch_size) == (1, 128, 256)
+  assert i.optimizer.schedule == 'cosine' and i.model.dropout_rate == 0.3
+  p = pathfinder.get_config()
+  assert (p.model.num_layers, p.model.num_heads, p.model.emb_dim) == (4, 4, 32)
+
+
+# -- the command line ------------------------------------------------------------------------------
+
+
+def test_cli_config_errors_are_one_line():
+  """Each bad config exits with status 2 and one line on stderr naming the problem, not a traceback.
+
+  The cases run as parallel processes (each exits before any training).
+  """
+  cases = {
+      'typo': (['--config.train.stpes=3'], "unknown config field 'stpes'"),
+      'variant': ([f'--config={REPO}/configs/listops.py:attention=nope'],
+                  "Unknown attention variant 'nope'; valid variants:"),
+      'option': ([f'--config={REPO}/configs/listops.py:attention=local,tiny',
+                  '--config.attention.options.window=-1'], 'window must be'),
+      'value': (['--config.train.steps=abc'], 'flag --config.train.steps=abc'),
+  }
+  env = dict(os.environ, JAX_PLATFORMS='cpu')
+  procs = {
+      name: subprocess.Popen(
+          [sys.executable, os.path.join(REPO, 'train.py'), *argv, '--workdir=/nonexistent/run'],
+          cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+      for name, (argv, _) in cases.items()}
+  for name, proc in procs.items():
+    _, err = proc.communicate(timeout=300)
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert proc.returncode == 2, (name, err[-3000:])
+    assert len(lines) == 1 and lines[0].startswith('Config error: '), (name, err[-3000:])
+    assert cases[name][1] in lines[0], (name, lines[0])
+  assert not os.path.exists('/nonexistent/run')
