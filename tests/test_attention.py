@@ -111,7 +111,6 @@ def test_local_equals_jax_local_window(window, causal):
 
 def test_dense_masks_follow_the_contract_table():
   n, heads = 23, 2
-  rng = jax.random.key(3)
   table = {
       'full': lambda i, j, h: True,
       'chunked': lambda i, j, h: True,

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 import efficient_attn.data as data
-from efficient_attn.data import lm, sources, tokenizers
+from efficient_attn.data import lm, tokenizers
 
 REVIEWS_TRAIN = [
     ('A fine film, with "quotes", commas\nand a newline.', 1), ('Dull.', 0),

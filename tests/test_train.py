@@ -6,11 +6,9 @@ test_train_resume.py; the pieces (schedules, checkpoints, metric files, mesh): t
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest

@@ -5,3 +5,6 @@ from efficient_attn.attention import variants as _variants  # noqa: F401  (regis
 from efficient_attn.attention import lsh as _lsh  # noqa: F401  (registers lsh)
 
 ATTENTION_NAMES = attention_names()
+
+__all__ = ['ATTENTION_NAMES', 'MASK_VALUE', 'Attention', 'attention_names', 'dense_attention',
+           'make_attention', 'register']

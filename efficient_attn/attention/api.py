@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable, ClassVar
 
-import jax
 import jax.numpy as jnp
 
 from efficient_attn.attention.dense import MASK_VALUE

@@ -220,13 +220,14 @@ def _backward(static, residuals, cotangents):
   init = (jnp.zeros_like(qb, jnp.float32), jnp.zeros_like(kb, jnp.float32),
           jnp.zeros_like(vb, jnp.float32))
   (dq, dk, dv), _ = jax.lax.scan(body, init, (idx_steps, valid_steps))
-  zero_aux = jax.tree.map(_zero_cotangent, aux)
-  return (dq.astype(qb.dtype), dk.astype(kb.dtype), dv.astype(vb.dtype), _zero_cotangent(kvalid),
-          _zero_cotangent(qpos), _zero_cotangent(kpos), _zero_cotangent(idx), _zero_cotangent(valid),
+  zero_aux = jax.tree.map(zero_cotangent, aux)
+  return (dq.astype(qb.dtype), dk.astype(kb.dtype), dv.astype(vb.dtype), zero_cotangent(kvalid),
+          zero_cotangent(qpos), zero_cotangent(kpos), zero_cotangent(idx), zero_cotangent(valid),
           zero_aux)
 
 
-def _zero_cotangent(x):
+def zero_cotangent(x):
+  """The zero cotangent of a custom-VJP input: zeros for floats, float0 for ints and bools."""
   x = jnp.asarray(x)
   if jnp.issubdtype(x.dtype, jnp.inexact):
     return jnp.zeros_like(x)

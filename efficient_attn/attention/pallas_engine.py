@@ -39,6 +39,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 import jax.numpy as jnp
 
+from efficient_attn.attention import engine
 from efficient_attn.attention.dense import MASK_VALUE
 
 # Slot classes.
@@ -497,13 +498,6 @@ def _dkdv_call(cfg: KernelConfig, q, k, v, do, lse, dd, kvalid, qpos, kpos, aux_
   )(bounds, qtiles, qpos, kpos, kvalid, q, k, v, do, lse, dd, *aux_q, *aux_k)
 
 
-def _zero_cotangent(x):
-  x = jnp.asarray(x)
-  if jnp.issubdtype(x.dtype, jnp.inexact):
-    return jnp.zeros_like(x)
-  return jnp.zeros(x.shape, jax.dtypes.float0)
-
-
 @functools.lru_cache(maxsize=None)
 def _fused(cfg: KernelConfig):
   """The differentiable kernel call for `cfg`: (q, k, v, side inputs) -> (out, lse), custom VJP.
@@ -534,7 +528,7 @@ def _fused(cfg: KernelConfig):
     side = (kvalid, qpos, kpos, aux_q, aux_k)
     dq = _dq_call(cfg, q, k, v, dout, lse, dd, *side, slots, row_bounds)
     dk, dv = _dkdv_call(cfg, q, k, v, dout, lse, dd, *side, qtiles, col_bounds)
-    zero = lambda tree: jax.tree.map(_zero_cotangent, tree)
+    zero = lambda tree: jax.tree.map(engine.zero_cotangent, tree)
     return (dq, dk, dv) + tuple(zero(x) for x in residuals[3:9])
 
   run.defvjp(fwd, bwd)

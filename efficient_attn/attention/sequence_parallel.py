@@ -40,9 +40,10 @@ from efficient_attn.attention import patterns as P
 from efficient_attn.attention.api import Attention
 from efficient_attn.attention.dense import MASK_VALUE
 from efficient_attn.attention.engine import (all_blocks_layout, block_sparse_attention, from_blocks,
-                                             mask_to_blocks, pad_axis, round_up, to_blocks)
+                                             pad_axis, round_up, to_blocks)
 from efficient_attn.attention.variants import (auto_block, fit_block, lse_from_blocks,
-                                               residue_major, residue_major_inverse, run_engine)
+                                               query_chunked_attention, residue_major,
+                                               residue_major_inverse, run_engine)
 
 SUPPORTED = ('full', 'chunked', 'local', 'dilated', 'longformer', 'strided', 'fixed', 'bigbird')
 
@@ -425,22 +426,9 @@ def _plan_full(attn, *, n, sh, causal, heads, rng):
     if not chunked:
       return run_engine(q, k, v, kvalid, qpos=qpos, kpos=kpos, causal=causal, qblock=qblock,
                         kblock=kblock, layout=all_blocks_layout, implementation=sh.impl)
-    kb, vb, kvalid_b = to_blocks(k, kblock), to_blocks(v, kblock), mask_to_blocks(kvalid, kblock)
-    kpos_b = pad_axis(kpos, 0, kb.shape[2] * kblock, -1).reshape(-1, kblock)
-    qb = to_blocks(q, qblock)  # [b, h, nq, qc, d]
-    qpos_b = pad_axis(qpos, 0, qb.shape[2] * qblock, -1).reshape(-1, qblock)
-    idx, valid = all_blocks_layout(1, kb.shape[2])
-
-    @jax.checkpoint
-    def one_chunk(args):
-      q_chunk, q_pos = args  # [b, h, qc, d], [qc]
-      out, lse = block_sparse_attention(q_chunk[:, :, None], kb, vb, kvalid=kvalid_b, qpos=q_pos[None],
-                                        kpos=kpos_b, idx=idx, valid=valid, causal=causal, step=1,
-                                        implementation=sh.impl)
-      return out[:, :, 0], lse[:, :, 0]
-
-    out, lse = jax.lax.map(one_chunk, (jnp.moveaxis(qb, 2, 0), qpos_b))
-    return from_blocks(jnp.moveaxis(out, 0, 2), s), lse_from_blocks(jnp.moveaxis(lse, 0, 2), s)
+    return query_chunked_attention(q, k, v, kvalid, qpos=qpos, kpos=kpos, causal=causal,
+                                   query_chunk=attn.query_chunk, key_chunk=attn.key_chunk,
+                                   implementation=sh.impl)
 
   def run(q, k, v, mask):
     return ring_attention(attend, sh, causal)(q, k, v, mask)[0]

@@ -16,8 +16,7 @@ from efficient_attn.attention import patterns as P
 from efficient_attn.attention.api import (Attention, check_nonnegative_int, check_positive_int,
                                           register)
 from efficient_attn.attention.dense import dense_attention
-from efficient_attn.attention.engine import (all_blocks_layout, band_layout, block_positions,
-                                             block_sparse_attention, dedupe_slots, from_blocks,
+from efficient_attn.attention.engine import (all_blocks_layout, band_layout, block_sparse_attention, dedupe_slots, from_blocks,
                                              mask_to_blocks, merge_partials, pad_axis, round_up,
                                              to_blocks)
 
@@ -76,6 +75,35 @@ def run_engine(q, k, v, kvalid, *, qpos, kpos, causal, qblock, kblock, layout, v
     out = jnp.concatenate([out, g_out], axis=2)[:, :, rows]
     lse = jnp.concatenate([lse, g_lse], axis=2)[:, :, rows]
   return from_blocks(out, nq_tokens), lse_from_blocks(lse, nq_tokens)
+
+
+def query_chunked_attention(q, k, v, kvalid, *, qpos, kpos, causal, query_chunk, key_chunk,
+                            implementation='xla'):
+  """Exact attention of every query over every key, one query chunk at a time: (out, lse).
+
+  `lax.map` over query chunks (each under `jax.checkpoint`); inside, the block engine's online softmax
+  over key chunks. Lengths that are not multiples of the chunks are padded and masked, never clamped.
+  Shapes as in `run_engine`; memory O(query_chunk * key_chunk) per step.
+  """
+  nq_tokens = q.shape[1]
+  qc, kc = fit_block(nq_tokens, query_chunk), fit_block(k.shape[1], key_chunk)
+  kb, vb, kvalid_b = to_blocks(k, kc), to_blocks(v, kc), mask_to_blocks(kvalid, kc)
+  kpos_b = pad_axis(kpos, 0, kb.shape[2] * kc, -1).reshape(-1, kc)
+  qb = to_blocks(q, qc)
+  qpos_b = pad_axis(qpos, 0, qb.shape[2] * qc, -1).reshape(-1, qc)
+  idx, valid = all_blocks_layout(1, kb.shape[2])
+
+  @jax.checkpoint
+  def one_chunk(args):
+    q_chunk, q_pos = args  # [b, h, qc, d], [qc]
+    out, lse = block_sparse_attention(q_chunk[:, :, None], kb, vb, kvalid=kvalid_b, qpos=q_pos[None],
+                                      kpos=kpos_b, idx=idx, valid=valid, causal=causal, step=1,
+                                      implementation=implementation)
+    return out[:, :, 0], lse[:, :, 0]
+
+  out, lse = jax.lax.map(one_chunk, (jnp.moveaxis(qb, 2, 0), qpos_b))  # [nq, b, h, qc, ...]
+  return (from_blocks(jnp.moveaxis(out, 0, 2), nq_tokens),
+          lse_from_blocks(jnp.moveaxis(lse, 0, 2), nq_tokens))
 
 
 def positions(length: int):
@@ -147,11 +175,7 @@ class Full(Attention):
 
 @register('chunked')
 class Chunked(Attention):
-  """Exact full attention in O(n) memory.
-
-  `lax.map` over query chunks (each under `jax.checkpoint`); inside, the block engine's online softmax
-  over key chunks. Lengths that are not multiples of the chunks are padded and masked, never clamped.
-  """
+  """Exact full attention in O(n) memory (`query_chunked_attention`)."""
   query_chunk: int = 512
   key_chunk: int = 512
 
@@ -160,25 +184,10 @@ class Chunked(Attention):
     check_positive_int(self.name, 'key_chunk', self.key_chunk)
 
   def _attend(self, q, k, v, *, padding_mask, causal, rng):
-    n = q.shape[1]
-    qc, kc = fit_block(n, self.query_chunk), fit_block(n, self.key_chunk)
-    kb, vb = to_blocks(k, kc), to_blocks(v, kc)
-    kvalid = mask_to_blocks(padding_mask, kc)
-    kpos = block_positions(kb.shape[2], kc)
-    qb = to_blocks(q, qc)
-    qpos = block_positions(qb.shape[2], qc)
-    idx, valid = all_blocks_layout(1, kb.shape[2])
-
-    @jax.checkpoint
-    def one_chunk(args):
-      q_chunk, q_pos = args  # [b, h, qc, d], [qc]
-      out, _ = block_sparse_attention(q_chunk[:, :, None], kb, vb, kvalid=kvalid, qpos=q_pos[None],
-                                      kpos=kpos, idx=idx, valid=valid, causal=causal, step=1,
-                                      implementation=self.impl)
-      return out[:, :, 0]
-
-    out = jax.lax.map(one_chunk, (jnp.moveaxis(qb, 2, 0), qpos))  # [nq, b, h, qc, d]
-    return from_blocks(jnp.moveaxis(out, 0, 2), n)
+    pos = positions(q.shape[1])
+    return query_chunked_attention(q, k, v, padding_mask, qpos=pos, kpos=pos, causal=causal,
+                                   query_chunk=self.query_chunk, key_chunk=self.key_chunk,
+                                   implementation=self.impl)[0]
 
   def dense_mask(self, length, *, causal=False, rng=None, heads=None):
     return P.with_causal(jnp.ones((1, length, length), bool), causal)

@@ -7,6 +7,7 @@ split (the LRA reference code validated on test, which leaks model selection int
 from __future__ import annotations
 
 import ml_collections
+import numpy as np
 from ml_collections import config_dict
 
 from efficient_attn.data import sources, tokenizers
