@@ -39,6 +39,7 @@ from flax import nnx
 
 from efficient_attn import checkpointing
 from efficient_attn import metrics as metrics_lib
+from efficient_attn import models
 from efficient_attn import objectives
 from efficient_attn import optimization
 from efficient_attn import sharding
@@ -155,7 +156,8 @@ def _positive_int(value: Any) -> bool:
 def check_config(config: ml_collections.ConfigDict) -> None:
   """Validates everything the loop reads. Raises ConfigError naming the field and what is valid.
 
-  The model and attention sections are validated when the model is built (`build_model`).
+  The model and attention sections are checked here too, before any data is loaded or generated, so a
+  bad option fails at once (the model build re-checks them against the task).
   """
   missing = [k for k in REQUIRED_SECTIONS if k not in config]
   if missing:
@@ -178,6 +180,8 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     raise ConfigError('train.max_eval_batches must be a positive integer or -1 (all), got '
                       f'{train.max_eval_batches!r}.')
   try:
+    model_config = models.resolve_model_config(config.model)
+    models.resolve_layer_attentions(config.attention, model_config['num_layers'])
     optimization.check_optimizer_config(config.optimizer)
     sharding.config_rules(config)
     if not isinstance(config.get('sequence_parallel', True), bool):
