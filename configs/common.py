@@ -177,6 +177,13 @@ def base_config(task: str, arg: str | None) -> tuple[ml_collections.ConfigDict, 
   return config, args
 
 
+def quick_model(config: ml_collections.ConfigDict, *, num_layers: int = 2, num_heads: int = 4,
+                emb_dim: int = 64, mlp_dim: int = 128, classifier_dim: int = 128) -> None:
+  """The CPU-sized transformer of the quick configs (2 layers, 4 heads, width 64 by default)."""
+  config.model.update(num_layers=num_layers, num_heads=num_heads, emb_dim=emb_dim, mlp_dim=mlp_dim,
+                      classifier_dim=classifier_dim)
+
+
 def quick_train(config: ml_collections.ConfigDict, *, steps: int, eval_every: int,
                 batch_size: int = 32, warmup_steps: int | None = None) -> None:
   """Shrinks the loop for a 2-core CPU: few steps, frequent logging, one mid-run checkpoint."""

@@ -46,10 +46,7 @@ def get_config(arg: str | None = None):
   config.train.checkpoint_every = steps_per_epoch * 5
 
   if args.quick:
-    config.model.num_heads = 4
-    config.model.emb_dim = 64
-    config.model.mlp_dim = 128
-    config.model.classifier_dim = 128
+    common.quick_model(config, num_layers=config.model.num_layers)  # LRA image: 1 layer
     config.model.dropout_rate = 0.1
     common.quick_train(config, steps=300, eval_every=100, batch_size=32)
     config.optimizer.learning_rate = 1e-3

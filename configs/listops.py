@@ -56,11 +56,7 @@ def get_config(arg: str | None = None):
     config.data.num_test = 500
     config.data.min_length = 50
     config.data.max_length = 250
-    config.model.num_layers = 2
-    config.model.num_heads = 4
-    config.model.emb_dim = 64
-    config.model.mlp_dim = 128
-    config.model.classifier_dim = 128
+    common.quick_model(config)
     config.model.dropout_rate = 0.0
     common.quick_train(config, steps=800, eval_every=200, batch_size=32, warmup_steps=80)
     config.optimizer.learning_rate = 2e-3

@@ -38,10 +38,7 @@ def get_config(arg: str | None = None):
   config.train.checkpoint_every = 1000
 
   if args.quick:
-    config.model.num_layers = 2
-    config.model.num_heads = 4
-    config.model.emb_dim = 64
-    config.model.mlp_dim = 256
+    common.quick_model(config, mlp_dim=256, classifier_dim=config.model.classifier_dim)
     config.model.dropout_rate = 0.0
     common.quick_train(config, steps=300, eval_every=100, batch_size=16)
     config.optimizer.learning_rate = 2e-3

@@ -41,11 +41,7 @@ def get_config(arg: str | None = None):
   config.train.checkpoint_every = 500
 
   if args.quick:
-    config.model.num_layers = 2
-    config.model.num_heads = 4
-    config.model.emb_dim = 64
-    config.model.mlp_dim = 128
-    config.model.classifier_dim = 128
+    common.quick_model(config)
     common.quick_train(config, steps=300, eval_every=100, batch_size=16)
     config.optimizer.learning_rate = 1e-3
     config.optimizer.schedule = 'cosine'
