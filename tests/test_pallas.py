@@ -22,6 +22,7 @@ import efficient_attn as ea
 from efficient_attn.attention import engine
 from efficient_attn.attention import pallas_engine
 from efficient_attn.attention import patterns
+from test_attention import rel_err  # the same tolerance rule as the jnp engine tests
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                 'benchmarks'))
@@ -46,13 +47,6 @@ def small_options(name: str) -> dict:
       'fixed': dict(stride=8, summary=3),
       'bigbird': dict(block_size=8, num_random_blocks=2),
   }[name]
-
-
-def rel_err(x, ref):
-  x, ref = np.asarray(x, np.float64), np.asarray(ref, np.float64)
-  scale = np.max(np.abs(ref))
-  assert scale > 1e-3, 'comparison on (near) zeros proves nothing'
-  return float(np.max(np.abs(x - ref)) / scale)
 
 
 def compiled(fn, *args):
