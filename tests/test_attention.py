@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 import efficient_attn as ea
+from efficient_attn.attention import blocks
 from efficient_attn.attention import engine
 from efficient_attn.attention import patterns
 
@@ -181,8 +182,8 @@ def test_padding_invariance_and_fully_padded_rows(name):
 def test_engine_row_that_sees_nothing_gives_zeros_and_finite_grads():
   b, h, nb, block, d = 1, 2, 3, 4, 8
   q, k, v = (x.reshape(b, h, nb, block, d) for x in inputs(4, b, h * nb * block, 1, d))
-  pos = engine.block_positions(nb, block)
-  idx, valid = engine.all_blocks_layout(nb, nb)
+  pos = blocks.block_positions(nb, block)
+  idx, valid = blocks.all_blocks_layout(nb, nb)
   kvalid = jnp.ones((b, nb, block), bool)
 
   def run(q, k, v):

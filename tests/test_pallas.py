@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 
 import efficient_attn as ea
+from efficient_attn.attention import blocks
 from efficient_attn.attention import engine
 from efficient_attn.attention import pallas_engine
 from efficient_attn.attention import patterns
@@ -109,14 +110,14 @@ def _engine_case(block_q=12, block_k=12, head_dim=6, heads=2):
   keys = jax.random.split(jax.random.key(0), 3)
   qb = jax.random.normal(keys[0], (b, h, nq, block_q, head_dim))
   kb, vb = (jax.random.normal(key, (b, h, nk, block_k, head_dim)) for key in keys[1:])
-  qpos = engine.block_positions(nq, block_q) * 2  # queries at even positions: q and k differ
-  kpos = engine.block_positions(nk, block_k)
+  qpos = blocks.block_positions(nq, block_q) * 2  # queries at even positions: q and k differ
+  kpos = blocks.block_positions(nk, block_k)
   kvalid = jnp.ones((b, nk, block_k), bool).at[1, -1, 5:].set(False)
   idx = jnp.asarray([[[0, 1, 2], [1, 2, 3], [3, 0, 0]],
                      [[2, 0, 2], [0, 3, 1], [1, 1, 2]]], jnp.int32)[:h]
   valid = jnp.asarray([[[True, True, False], [True, True, True], [False, False, False]],
                        [[True, True, True], [True, True, True], [True, True, True]]])[:h]
-  valid = engine.dedupe_slots(idx, valid)
+  valid = blocks.dedupe_slots(idx, valid)
   is_global = jnp.zeros(200, bool).at[jnp.asarray([3, 30])].set(True)
   kwargs = dict(kvalid=kvalid, qpos=qpos, kpos=kpos, idx=idx, valid=valid,
                 visible=patterns.BandOrGlobal(7), aux=is_global)
@@ -177,8 +178,8 @@ def test_large_blocks_are_split_into_tiles_and_steps(monkeypatch):
 def test_slot_classes_and_walks():
   """Empty slots are dropped, full ones come first, and the transposed walk lists every live pair."""
   nb, block = 6, 8
-  pos = engine.block_positions(nb, block)
-  idx, valid = engine.band_layout(nb, 2, 2)  # window 12 with blocks of 8: a-1..a+1 full, a+-2 partial
+  pos = blocks.block_positions(nb, block)
+  idx, valid = blocks.band_layout(nb, 2, 2)  # window 12 with blocks of 8: a-1..a+1 full, a+-2 partial
   cfg = pallas_engine.KernelConfig(
       heads=1, layout_heads=1, block_q=16, block_k=16, step_q=16, step_k=16, head_dim=16, scale=1.0,
       visible=patterns.Band(12), aux_tree=jax.tree.structure(()), aux_bool=(), causal=True,

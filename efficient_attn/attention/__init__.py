@@ -1,4 +1,4 @@
-"""Attention variants behind one contract (see docs/attention.md and ../shared/docs/attention-api.md)."""
+"""Attention variants behind one contract (docs/attention.md)."""
 from efficient_attn.attention.api import Attention, attention_names, make_attention, register
 from efficient_attn.attention.dense import MASK_VALUE, dense_attention
 from efficient_attn.attention import variants as _variants  # noqa: F401  (registers the block-sparse variants)

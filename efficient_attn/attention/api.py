@@ -2,8 +2,16 @@
 
 Each variant is a frozen dataclass whose fields are its options (so an instance is hashable and can be a
 static argument of `jax.jit`). Subclasses implement `_attend` (the fast path) and `dense_mask` or
-`dense_bias` (the O(n^2) definition the fast path is tested against). Shapes follow
-`jax.nn.dot_product_attention`: q, k, v are [batch, length, heads, head_dim].
+`dense_bias` (the O(n^2) definition the fast path is tested against), or override `reference` where the
+definition is not a mask (kernel and learned variants). Shapes follow `jax.nn.dot_product_attention`:
+q, k, v are [batch, length, heads, head_dim]. The contract is written out in docs/attention.md.
+
+What the rest of the project needs to know about a variant lives on its class, so a new variant is
+registered in one place and picked up by the model, the configs, the benchmark and the tests:
+`needs_rng`, `supports_causal`, `supports_pallas`, `learned` (has weights: `init` / `params=`),
+`quadratic` (materialises n x n by design), `small_options` (options that make the pattern really
+sparse at tens of tokens, for tests and smoke runs) and `preset` (options that see about `keys` keys per
+query, for benchmarks).
 """
 from __future__ import annotations
 
@@ -12,7 +20,7 @@ from typing import Any, Callable, ClassVar
 
 import jax.numpy as jnp
 
-from efficient_attn.attention.dense import MASK_VALUE
+from efficient_attn.attention.dense import MASK_VALUE, dense_attention
 
 _REGISTRY: dict[str, type['Attention']] = {}
 
@@ -82,9 +90,27 @@ class Attention:
   """
 
   name: ClassVar[str] = ''
-  needs_rng: ClassVar[bool] = False  # True for variants with random structure (bigbird, lsh).
-  supports_pallas: ClassVar[bool] = True
+  needs_rng: ClassVar[bool] = False  # True for variants with random structure (bigbird, lsh, performer).
+  supports_pallas: ClassVar[bool] = True  # runs on the block engine, so the fused kernel applies
+  supports_causal: ClassVar[bool] = True  # False: causal=True raises (linformer)
+  learned: ClassVar[bool] = False  # True: has weights, from `init`, passed back as `params=`
+  quadratic: ClassVar[bool] = False  # True: O(n^2) memory by design (full, synthesizer)
   implementation: str = 'auto'
+
+  @classmethod
+  def small_options(cls, heads: int = 2) -> dict[str, Any]:
+    """Options under which the pattern is really sparse at tens of tokens (tests, smoke runs).
+
+    `heads` lets per-head options (dilations) fit the head count. Default: the variant's own defaults.
+    """
+    del heads
+    return {}
+
+  @classmethod
+  def preset(cls, keys: int = 512) -> dict[str, Any]:
+    """Options under which a query sees about `keys` keys (the benchmark's like-for-like setting)."""
+    del keys
+    return {}
 
   def __post_init__(self):
     if self.implementation not in IMPLEMENTATIONS:
@@ -108,16 +134,38 @@ class Attention:
 
   # -- public API ---------------------------------------------------------------------------------
 
-  def __call__(self, q, k, v, *, padding_mask=None, causal=False, rng=None):
+  def init(self, rng, *, length: int, heads: int, head_dim: int) -> dict[str, Any]:
+    """The variant's learned weights for sequences of up to `length` tokens ({} for most variants).
+
+    Pass them back as `attn(..., params=params)`; `param_axes` names their logical axes.
+    """
+    del rng, length, heads, head_dim
+    return {}
+
+  def param_axes(self) -> dict[str, tuple[str | None, ...]]:
+    """Logical axis names of every array `init` returns (for sharding rules); {} without weights."""
+    return {}
+
+  def __call__(self, q, k, v, *, padding_mask=None, causal=False, rng=None, params=None):
     """Attention output [batch, length, heads, head_dim], q's dtype; zeros at padded queries."""
-    q, k, v = jnp.asarray(q), jnp.asarray(k), jnp.asarray(v)
-    self._check_inputs(q, k, v, padding_mask)
-    rng = self._check_rng(rng)
-    b, n = q.shape[:2]
-    if padding_mask is None:
-      padding_mask = jnp.ones((b, n), bool)
-    padding_mask = jnp.asarray(padding_mask, bool)
-    out = self._attend(q, k, v, padding_mask=padding_mask, causal=bool(causal), rng=rng)
+    q, k, v, padding_mask, causal, rng, params = self._prepare(q, k, v, padding_mask, causal, rng,
+                                                               params)
+    if self.learned:
+      out = self._attend(q, k, v, padding_mask=padding_mask, causal=causal, rng=rng, params=params)
+    else:
+      out = self._attend(q, k, v, padding_mask=padding_mask, causal=causal, rng=rng)
+    return jnp.where(padding_mask[:, :, None, None], out, 0).astype(q.dtype)
+
+  def reference(self, q, k, v, *, padding_mask=None, causal=False, rng=None, params=None):
+    """The variant's O(n^2) definition, written apart from its fast path (equal to float32 rounding).
+
+    Default: `dense_attention` under `dense_bias` (itself `dense_mask` for pattern variants), padded
+    keys masked out, zeros at padded queries. Kernel and learned variants override it.
+    """
+    q, k, v, padding_mask, causal, rng, params = self._prepare(q, k, v, padding_mask, causal, rng,
+                                                               params)
+    bias = self.dense_bias(q, k, causal=causal, rng=rng, padding_mask=padding_mask)
+    out = dense_attention(q, k, v, bias=bias, mask=padding_mask[:, None, None, :])
     return jnp.where(padding_mask[:, :, None, None], out, 0).astype(q.dtype)
 
   def dense_mask(self, length: int, *, causal: bool = False, rng=None, heads: int | None = None):
@@ -135,6 +183,24 @@ class Attention:
 
   def _attend(self, q, k, v, *, padding_mask, causal, rng):
     raise NotImplementedError
+
+  def _prepare(self, q, k, v, padding_mask, causal, rng, params):
+    """Checked, normalised call arguments shared by `__call__` and `reference`."""
+    q, k, v = jnp.asarray(q), jnp.asarray(k), jnp.asarray(v)
+    self._check_inputs(q, k, v, padding_mask)
+    rng = self._check_rng(rng)
+    causal = bool(causal)
+    if causal and not self.supports_causal:
+      raise ValueError(f'Attention {self.name!r} is bidirectional only: causal=True is not defined '
+                       'for it (see docs/attention.md).')
+    if self.learned and params is None:
+      raise ValueError(f'Attention {self.name!r} has learned weights: pass params=attn.init(rng, '
+                       'length=..., heads=..., head_dim=...).')
+    b, n = q.shape[:2]
+    if padding_mask is None:
+      padding_mask = jnp.ones((b, n), bool)
+    padding_mask = jnp.asarray(padding_mask, bool)
+    return q, k, v, padding_mask, causal, rng, params
 
   def _check_rng(self, rng):
     if self.needs_rng and rng is None:

@@ -25,80 +25,16 @@ from typing import Any, Callable, Optional
 import jax
 import jax.numpy as jnp
 
+import numpy as np
+
+from efficient_attn.attention import patterns as P
+from efficient_attn.attention.blocks import (all_blocks_layout, band_layout, fit_block, from_blocks,
+                                             lse_from_blocks, mask_to_blocks, pad_axis, positions,
+                                             round_up, to_blocks, zero_cotangent)
 from efficient_attn.attention.dense import MASK_VALUE
 
 # Keys scored per scan step: large enough for efficient matmuls, small enough to bound the score buffer.
 MAX_KEYS_PER_STEP = 1024
-
-
-# --------------------------------------------------------------------------------------------------
-# Sequence <-> blocks
-# --------------------------------------------------------------------------------------------------
-
-
-def round_up(n: int, multiple: int) -> int:
-  return -(-n // multiple) * multiple
-
-
-def pad_axis(x, axis: int, new_size: int, value=0):
-  pad = new_size - x.shape[axis]
-  if pad == 0:
-    return x
-  widths = [(0, 0)] * x.ndim
-  widths[axis] = (0, pad)
-  return jnp.pad(x, widths, constant_values=value)
-
-
-def to_blocks(x, block: int):
-  """[b, n, h, d] -> [b, h, n_pad / block, block, d], zero padded at the end."""
-  b, n, h, d = x.shape
-  x = pad_axis(x, 1, round_up(n, block))
-  return x.reshape(b, -1, block, h, d).transpose(0, 3, 1, 2, 4)
-
-
-def from_blocks(xb, length: int):
-  """[b, h, nb, block, d] -> [b, length, h, d] (drops the padding)."""
-  b, h, nb, block, d = xb.shape
-  return xb.transpose(0, 2, 3, 1, 4).reshape(b, nb * block, h, d)[:, :length]
-
-
-def mask_to_blocks(mask, block: int):
-  """bool [b, n] -> [b, n_pad / block, block], False on padding."""
-  b, n = mask.shape
-  return pad_axis(mask, 1, round_up(n, block), False).reshape(b, -1, block)
-
-
-def block_positions(num_blocks: int, block: int):
-  """int32 [num_blocks, block]: the sequence position of every block slot."""
-  return jnp.arange(num_blocks * block, dtype=jnp.int32).reshape(num_blocks, block)
-
-
-# --------------------------------------------------------------------------------------------------
-# Layout helpers
-# --------------------------------------------------------------------------------------------------
-
-
-def dedupe_slots(idx, valid):
-  """Marks every slot that repeats an earlier valid slot of its row as invalid. idx, valid: [..., K]."""
-  k = idx.shape[-1]
-  same = idx[..., :, None] == idx[..., None, :]  # [..., K, K]
-  earlier = jnp.tril(jnp.ones((k, k), bool), -1)  # [t, s]: s < t
-  repeated = jnp.any(same & earlier & valid[..., None, :], axis=-1)
-  return valid & ~repeated
-
-
-def all_blocks_layout(num_q_blocks: int, num_k_blocks: int):
-  """Every query block visits every key block: idx, valid of shape [1, nq, nk]."""
-  idx = jnp.broadcast_to(jnp.arange(num_k_blocks, dtype=jnp.int32), (1, num_q_blocks, num_k_blocks))
-  return idx, jnp.ones(idx.shape, bool)
-
-
-def band_layout(num_blocks: int, left: int, right: int):
-  """Query block a visits key blocks a-left..a+right (clipped): idx, valid [1, nb, left+right+1]."""
-  a = jnp.arange(num_blocks, dtype=jnp.int32)[:, None]
-  idx = a + jnp.arange(-left, right + 1, dtype=jnp.int32)[None, :]
-  valid = (idx >= 0) & (idx < num_blocks)
-  return jnp.clip(idx, 0, num_blocks - 1)[None], valid[None]
 
 
 def slots_per_step(num_slots: int, key_block: int, max_keys: int = MAX_KEYS_PER_STEP) -> int:
@@ -226,14 +162,6 @@ def _backward(static, residuals, cotangents):
           zero_aux)
 
 
-def zero_cotangent(x):
-  """The zero cotangent of a custom-VJP input: zeros for floats, float0 for ints and bools."""
-  x = jnp.asarray(x)
-  if jnp.issubdtype(x.dtype, jnp.inexact):
-    return jnp.zeros_like(x)
-  return jnp.zeros(x.shape, jax.dtypes.float0)
-
-
 @functools.lru_cache(maxsize=None)
 def _engine(static):
   @jax.custom_vjp
@@ -286,14 +214,82 @@ def block_sparse_attention(qb, kb, vb, *, kvalid, qpos, kpos, idx, valid,
   return _engine((visible, bool(causal), int(step)))(qb, kb, vb, kvalid, qpos, kpos, idx, valid, aux)
 
 
-def merge_partials(parts):
-  """Combines attention results over disjoint key sets: [(out, lse), ...] -> (out, lse).
+# --------------------------------------------------------------------------------------------------
+# The engine on whole sequences
+# --------------------------------------------------------------------------------------------------
 
-  Each part is a softmax over its own keys; the union's softmax reweights them by exp(lse_p - lse).
+
+def run_engine(q, k, v, kvalid, *, qpos, kpos, causal, qblock, kblock, layout, visible=None, aux=(),
+               global_q_blocks=(), step=None, implementation='xla'):
+  """Runs the block engine on sequences and returns (out [b, nq, h, d], lse [b, nq, h]).
+
+  Args:
+    q: [b, nq, h, d]; k, v: [b, nk, h, d] (the key sequence may differ from the query sequence).
+    kvalid: bool [b, nk], False for padded keys.
+    qpos, kpos: int32 [nq], [nk]: original positions for `visible` and `causal`.
+    qblock, kblock: block sizes; layout: (idx, valid) over the blocked sequences, or a function of
+      (num_q_blocks, num_k_blocks) returning it.
+    global_q_blocks: static query block indices that visit every key block instead of their layout row.
+    implementation: 'xla' (the jnp engine) or 'pallas' (the fused kernel), see engine.py.
   """
-  if len(parts) == 1:
-    return parts[0]
-  lses = jnp.stack([lse for _, lse in parts])
-  lse = jnp.max(lses, axis=0) + jnp.log(jnp.sum(jnp.exp(lses - jnp.max(lses, axis=0)), axis=0))
-  out = sum(o.astype(jnp.float32) * jnp.exp(l - lse)[..., None] for o, l in parts)
-  return out.astype(parts[0][0].dtype), lse
+  nq_tokens = q.shape[1]
+  qb, kb, vb = to_blocks(q, qblock), to_blocks(k, kblock), to_blocks(v, kblock)
+  kvalid_b = mask_to_blocks(kvalid, kblock)
+  qpos_b = pad_axis(qpos, 0, qb.shape[2] * qblock, -1).reshape(-1, qblock)
+  kpos_b = pad_axis(kpos, 0, kb.shape[2] * kblock, -1).reshape(-1, kblock)
+  idx, valid = layout(qb.shape[2], kb.shape[2]) if callable(layout) else layout
+  common = dict(kvalid=kvalid_b, kpos=kpos_b, visible=visible, aux=aux, causal=causal,
+                implementation=implementation)
+  out, lse = block_sparse_attention(qb, kb, vb, qpos=qpos_b, idx=idx, valid=valid, step=step, **common)
+  if global_q_blocks:
+    g = np.asarray(global_q_blocks)
+    g_idx, g_valid = all_blocks_layout(len(g), kb.shape[2])
+    g_out, g_lse = block_sparse_attention(qb[:, :, g], kb, vb, qpos=qpos_b[g], idx=g_idx,
+                                          valid=g_valid, **common)
+    # Put the global rows in place with a static gather (a scatter's output sharding is ambiguous
+    # under an explicit mesh): block a reads row a of `out`, or its row in `g_out` if a is global.
+    rows = np.arange(qb.shape[2])
+    rows[g] = qb.shape[2] + np.arange(len(g))
+    out = jnp.concatenate([out, g_out], axis=2)[:, :, rows]
+    lse = jnp.concatenate([lse, g_lse], axis=2)[:, :, rows]
+  return from_blocks(out, nq_tokens), lse_from_blocks(lse, nq_tokens)
+
+
+def query_chunked_attention(q, k, v, kvalid, *, qpos, kpos, causal, query_chunk, key_chunk,
+                            implementation='xla'):
+  """Exact attention of every query over every key, one query chunk at a time: (out, lse).
+
+  `lax.map` over query chunks (each under `jax.checkpoint`); inside, the block engine's online softmax
+  over key chunks. Lengths that are not multiples of the chunks are padded and masked, never clamped.
+  Shapes as in `run_engine`; memory O(query_chunk * key_chunk) per step.
+  """
+  nq_tokens = q.shape[1]
+  qc, kc = fit_block(nq_tokens, query_chunk), fit_block(k.shape[1], key_chunk)
+  kb, vb, kvalid_b = to_blocks(k, kc), to_blocks(v, kc), mask_to_blocks(kvalid, kc)
+  kpos_b = pad_axis(kpos, 0, kb.shape[2] * kc, -1).reshape(-1, kc)
+  qb = to_blocks(q, qc)
+  qpos_b = pad_axis(qpos, 0, qb.shape[2] * qc, -1).reshape(-1, qc)
+  idx, valid = all_blocks_layout(1, kb.shape[2])
+
+  @jax.checkpoint
+  def one_chunk(args):
+    q_chunk, q_pos = args  # [b, h, qc, d], [qc]
+    out, lse = block_sparse_attention(q_chunk[:, :, None], kb, vb, kvalid=kvalid_b, qpos=q_pos[None],
+                                      kpos=kpos_b, idx=idx, valid=valid, causal=causal, step=1,
+                                      implementation=implementation)
+    return out[:, :, 0], lse[:, :, 0]
+
+  out, lse = jax.lax.map(one_chunk, (jnp.moveaxis(qb, 2, 0), qpos_b))  # [nq, b, h, qc, ...]
+  return (from_blocks(jnp.moveaxis(out, 0, 2), nq_tokens),
+          lse_from_blocks(jnp.moveaxis(lse, 0, 2), nq_tokens))
+
+
+def band_attention(q, k, v, padding_mask, causal, *, window, block, implementation='xla'):
+  """Local attention abs(i - j) <= window over one sequence: (out, lse)."""
+  n = q.shape[1]
+  block = fit_block(n, block)
+  reach = -(-window // block)
+  pos = positions(n)
+  return run_engine(q, k, v, padding_mask, qpos=pos, kpos=pos, causal=causal, qblock=block,
+                    kblock=block, layout=lambda nq, nk: band_layout(nq, reach, 0 if causal else reach),
+                    visible=P.Band(window), implementation=implementation)

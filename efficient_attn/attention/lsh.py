@@ -169,6 +169,14 @@ class LSHAttention(Attention):
   supports_pallas = False  # data-dependent chunks: the jnp path only
   bucket_size: int = 64
   num_hashes: int = 2
+
+  @classmethod
+  def small_options(cls, heads=2):
+    return dict(bucket_size=8, num_hashes=2)
+
+  @classmethod
+  def preset(cls, keys=512):
+    return dict(bucket_size=max(8, keys // 4), num_hashes=2)
   num_buckets: int | None = None
 
   def validate(self) -> None:

@@ -39,7 +39,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 import jax.numpy as jnp
 
-from efficient_attn.attention import engine
+from efficient_attn.attention.blocks import zero_cotangent
 from efficient_attn.attention.dense import MASK_VALUE
 
 # Slot classes.
@@ -528,7 +528,7 @@ def _fused(cfg: KernelConfig):
     side = (kvalid, qpos, kpos, aux_q, aux_k)
     dq = _dq_call(cfg, q, k, v, dout, lse, dd, *side, slots, row_bounds)
     dk, dv = _dkdv_call(cfg, q, k, v, dout, lse, dd, *side, qtiles, col_bounds)
-    zero = lambda tree: jax.tree.map(engine.zero_cotangent, tree)
+    zero = lambda tree: jax.tree.map(zero_cotangent, tree)
     return (dq, dk, dv) + tuple(zero(x) for x in residuals[3:9])
 
   run.defvjp(fwd, bwd)
@@ -576,7 +576,7 @@ def block_sparse_attention(qb, kb, vb, *, kvalid, qpos, kpos, idx, valid,
     kvalid: bool [b, nk, Bk], False for padded keys.
     qpos: int32 [nq, Bq], kpos: int32 [nk, Bk]: original positions (for `visible` and `causal`).
     idx: int32 [H, nq, K] key blocks per query block (H = 1 or h); valid: bool [H, nq, K]. Each key
-      block at most once per row (see engine.dedupe_slots).
+      block at most once per row (see blocks.dedupe_slots).
     visible: hashable predicate `visible(i, j, aux) -> bool` or None. Inside the kernels it may read
       an aux leaf only as `leaf[i]` / `leaf[j]` with the arrays it is given.
     aux: a pytree of 1-D arrays indexed by position.

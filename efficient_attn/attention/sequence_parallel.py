@@ -18,7 +18,7 @@ device (forward and gradient). Each device owns the `s = n / devices` consecutiv
   collect   bigbird's random blocks: the shards travel round the ring and each device copies out the
             blocks its layout lists (drawn once from `rng` by `BigBird.layout`, as on one device).
 
-All partial results over disjoint key sets merge by their log-sum-exp (`engine.merge_partials`), so the
+All partial results over disjoint key sets merge by their log-sum-exp (`blocks.merge_partials`), so the
 result is exact, not approximate. Memory per device falls as 1 / devices (plus the halo, and the static
 gathered rows, which do not grow with the number of devices).
 
@@ -39,11 +39,12 @@ from jax.sharding import NamedSharding, PartitionSpec
 from efficient_attn.attention import patterns as P
 from efficient_attn.attention.api import Attention
 from efficient_attn.attention.dense import MASK_VALUE
-from efficient_attn.attention.engine import (all_blocks_layout, block_sparse_attention, from_blocks,
-                                             pad_axis, round_up, to_blocks)
-from efficient_attn.attention.variants import (auto_block, fit_block, lse_from_blocks,
-                                               query_chunked_attention, residue_major,
-                                               residue_major_inverse, run_engine)
+from efficient_attn.attention.blocks import (DEFAULT_BLOCK, all_blocks_layout, auto_block,
+                                             fit_block, from_blocks, lse_from_blocks, pad_axis,
+                                             residue_major, residue_major_inverse, round_up,
+                                             to_blocks)
+from efficient_attn.attention.engine import (block_sparse_attention, query_chunked_attention,
+                                             run_engine)
 
 SUPPORTED = ('full', 'chunked', 'local', 'dilated', 'longformer', 'strided', 'fixed', 'bigbird')
 
@@ -169,7 +170,7 @@ def realign(x, old: int, new: int, sh: Shard):
 
 
 def merge(parts):
-  """Like `engine.merge_partials` but keeps the output in float32 (further merges may follow)."""
+  """Like `blocks.merge_partials` but keeps the output in float32 (further merges may follow)."""
   lses = jnp.stack([lse for _, lse in parts])
   top = jnp.max(lses, axis=0)
   lse = top + jnp.log(jnp.sum(jnp.exp(lses - top), axis=0))
@@ -255,7 +256,7 @@ def global_rows(qg, qg_pos, k, v, mask, *, causal: bool, sh: Shard):
   device's shard. Returns out float32 [b, G, h, d], the same on every device.
   """
   o, lse = run_engine(qg, k, v, mask, qpos=qg_pos, kpos=sh.positions(), causal=causal,
-                      qblock=fit_block(qg.shape[1], 128), kblock=fit_block(sh.length, 128),
+                      qblock=fit_block(qg.shape[1], DEFAULT_BLOCK), kblock=fit_block(sh.length, DEFAULT_BLOCK),
                       layout=all_blocks_layout, implementation=sh.impl)
   # The shift only keeps exp() in range; it cancels, so no gradient needs to flow through pmax.
   top = jax.lax.pmax(jax.lax.stop_gradient(lse), sh.axis)
@@ -417,8 +418,8 @@ def _plan_full(attn, *, n, sh, causal, heads, rng):
   del n, heads, rng
   s = sh.length
   chunked = attn.name == 'chunked'
-  qblock = fit_block(s, attn.query_chunk if chunked else 128)
-  kblock = fit_block(s, attn.key_chunk if chunked else 128)
+  qblock = fit_block(s, attn.query_chunk if chunked else DEFAULT_BLOCK)
+  kblock = fit_block(s, attn.key_chunk if chunked else DEFAULT_BLOCK)
 
   def attend(q, k, v, kvalid, src, me):
     qpos = me * s + jnp.arange(s, dtype=jnp.int32)
@@ -479,7 +480,7 @@ def _plan_longformer(attn, *, n, sh, causal, heads, rng):
     kg, vg, mg = (gather_positions(x, gpos, sh) for x in (k, v, mask))
     # The global columns beyond the band (inside it they are already counted).
     columns = run_engine(q, kg, vg, mg, qpos=sh.positions(), kpos=g_arr, causal=causal,
-                         qblock=fit_block(sh.length, 128), kblock=fit_block(len(gpos), 128),
+                         qblock=fit_block(sh.length, DEFAULT_BLOCK), kblock=fit_block(len(gpos), DEFAULT_BLOCK),
                          layout=all_blocks_layout, visible=P.MinGap(w + 1), implementation=sh.impl)
     out, _ = merge([band, columns])
     rows = global_rows(gather_positions(q, gpos, sh), g_arr, k, v, mask, causal=causal, sh=sh)
@@ -524,7 +525,7 @@ def _plan_strided(attn, *, n, sh, causal, heads, rng):
   l, s = attn.stride, sh.length
   block = attn.block_size or auto_block(l)
   rows = _class_rows(sh, l)
-  cblock = fit_block(rows, 128)
+  cblock = fit_block(rows, DEFAULT_BLOCK)
 
   def attend(q, k, v, kvalid, src, me):
     # Positions are class coordinates (position // stride): within a class they order keys like the
@@ -552,7 +553,7 @@ def _plan_fixed(attn, *, n, sh, causal, heads, rng):
   del heads, rng
   l, c = attn.stride, attn.summary
   summary = tuple(j for j in range(n) if j % l >= l - c)
-  block = min(128, auto_block(l))
+  block = min(DEFAULT_BLOCK, auto_block(l))
 
   def run(q, k, v, mask):
     own = halo_attention(q, k, v, mask, left=l - 1, right=l - 1, visible=SameGroup(l),
@@ -562,8 +563,8 @@ def _plan_fixed(attn, *, n, sh, causal, heads, rng):
     ks, vs, ms = (gather_positions(x, summary, sh) for x in (k, v, mask))
     # The summary keys grow as n * summary / stride: one key block per scan step keeps memory linear.
     others = run_engine(q, ks, vs, ms, qpos=sh.positions(), kpos=jnp.asarray(summary, jnp.int32),
-                        causal=causal, qblock=fit_block(sh.length, 128),
-                        kblock=fit_block(len(summary), 128), layout=all_blocks_layout,
+                        causal=causal, qblock=fit_block(sh.length, DEFAULT_BLOCK),
+                        kblock=fit_block(len(summary), DEFAULT_BLOCK), layout=all_blocks_layout,
                         visible=P.OtherGroup(l), step=1, implementation=sh.impl)
     return merge([own, others])[0]
 

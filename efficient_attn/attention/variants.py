@@ -5,7 +5,6 @@ and cut back; `padding_mask` marks real keys. Option tables: docs/attention.md.
 """
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import jax
@@ -16,129 +15,15 @@ from efficient_attn.attention import patterns as P
 from efficient_attn.attention.api import (Attention, check_nonnegative_int, check_positive_int,
                                           register)
 from efficient_attn.attention.dense import dense_attention
-from efficient_attn.attention.engine import (all_blocks_layout, band_layout, block_sparse_attention, dedupe_slots, from_blocks,
-                                             mask_to_blocks, merge_partials, pad_axis, round_up,
-                                             to_blocks)
+from efficient_attn.attention.blocks import (DEFAULT_BLOCK, all_blocks_layout, auto_block,
+                                             band_layout, dedupe_slots, fit_block, merge_partials,
+                                             pad_axis, positions, residue_major,
+                                             residue_major_inverse, round_up)
+from efficient_attn.attention.engine import band_attention, query_chunked_attention, run_engine
 
 # --------------------------------------------------------------------------------------------------
-# Shared plumbing
+# Option checks
 # --------------------------------------------------------------------------------------------------
-
-
-def fit_block(length: int, block: int) -> int:
-  """The block actually used: `block`, or less for sequences shorter than one block (multiple of 8)."""
-  return min(block, round_up(length, 8))
-
-
-def auto_block(window: int) -> int:
-  """A block size for band patterns: about the window, within [16, 128]."""
-  return min(128, max(16, 1 << max(0, math.ceil(math.log2(max(window, 1))))))
-
-
-def lse_from_blocks(lse, length: int):
-  """[b, h, nb, block] -> [b, length, h]."""
-  b, h, nb, block = lse.shape
-  return lse.transpose(0, 2, 3, 1).reshape(b, nb * block, h)[:, :length]
-
-
-def run_engine(q, k, v, kvalid, *, qpos, kpos, causal, qblock, kblock, layout, visible=None, aux=(),
-               global_q_blocks=(), step=None, implementation='xla'):
-  """Runs the block engine on sequences and returns (out [b, nq, h, d], lse [b, nq, h]).
-
-  Args:
-    q: [b, nq, h, d]; k, v: [b, nk, h, d] (the key sequence may differ from the query sequence).
-    kvalid: bool [b, nk], False for padded keys.
-    qpos, kpos: int32 [nq], [nk]: original positions for `visible` and `causal`.
-    qblock, kblock: block sizes; layout: (idx, valid) over the blocked sequences, or a function of
-      (num_q_blocks, num_k_blocks) returning it.
-    global_q_blocks: static query block indices that visit every key block instead of their layout row.
-    implementation: 'xla' (the jnp engine) or 'pallas' (the fused kernel), see engine.py.
-  """
-  nq_tokens = q.shape[1]
-  qb, kb, vb = to_blocks(q, qblock), to_blocks(k, kblock), to_blocks(v, kblock)
-  kvalid_b = mask_to_blocks(kvalid, kblock)
-  qpos_b = pad_axis(qpos, 0, qb.shape[2] * qblock, -1).reshape(-1, qblock)
-  kpos_b = pad_axis(kpos, 0, kb.shape[2] * kblock, -1).reshape(-1, kblock)
-  idx, valid = layout(qb.shape[2], kb.shape[2]) if callable(layout) else layout
-  common = dict(kvalid=kvalid_b, kpos=kpos_b, visible=visible, aux=aux, causal=causal,
-                implementation=implementation)
-  out, lse = block_sparse_attention(qb, kb, vb, qpos=qpos_b, idx=idx, valid=valid, step=step, **common)
-  if global_q_blocks:
-    g = np.asarray(global_q_blocks)
-    g_idx, g_valid = all_blocks_layout(len(g), kb.shape[2])
-    g_out, g_lse = block_sparse_attention(qb[:, :, g], kb, vb, qpos=qpos_b[g], idx=g_idx,
-                                          valid=g_valid, **common)
-    # Put the global rows in place with a static gather (a scatter's output sharding is ambiguous
-    # under an explicit mesh): block a reads row a of `out`, or its row in `g_out` if a is global.
-    rows = np.arange(qb.shape[2])
-    rows[g] = qb.shape[2] + np.arange(len(g))
-    out = jnp.concatenate([out, g_out], axis=2)[:, :, rows]
-    lse = jnp.concatenate([lse, g_lse], axis=2)[:, :, rows]
-  return from_blocks(out, nq_tokens), lse_from_blocks(lse, nq_tokens)
-
-
-def query_chunked_attention(q, k, v, kvalid, *, qpos, kpos, causal, query_chunk, key_chunk,
-                            implementation='xla'):
-  """Exact attention of every query over every key, one query chunk at a time: (out, lse).
-
-  `lax.map` over query chunks (each under `jax.checkpoint`); inside, the block engine's online softmax
-  over key chunks. Lengths that are not multiples of the chunks are padded and masked, never clamped.
-  Shapes as in `run_engine`; memory O(query_chunk * key_chunk) per step.
-  """
-  nq_tokens = q.shape[1]
-  qc, kc = fit_block(nq_tokens, query_chunk), fit_block(k.shape[1], key_chunk)
-  kb, vb, kvalid_b = to_blocks(k, kc), to_blocks(v, kc), mask_to_blocks(kvalid, kc)
-  kpos_b = pad_axis(kpos, 0, kb.shape[2] * kc, -1).reshape(-1, kc)
-  qb = to_blocks(q, qc)
-  qpos_b = pad_axis(qpos, 0, qb.shape[2] * qc, -1).reshape(-1, qc)
-  idx, valid = all_blocks_layout(1, kb.shape[2])
-
-  @jax.checkpoint
-  def one_chunk(args):
-    q_chunk, q_pos = args  # [b, h, qc, d], [qc]
-    out, lse = block_sparse_attention(q_chunk[:, :, None], kb, vb, kvalid=kvalid_b, qpos=q_pos[None],
-                                      kpos=kpos_b, idx=idx, valid=valid, causal=causal, step=1,
-                                      implementation=implementation)
-    return out[:, :, 0], lse[:, :, 0]
-
-  out, lse = jax.lax.map(one_chunk, (jnp.moveaxis(qb, 2, 0), qpos_b))  # [nq, b, h, qc, ...]
-  return (from_blocks(jnp.moveaxis(out, 0, 2), nq_tokens),
-          lse_from_blocks(jnp.moveaxis(lse, 0, 2), nq_tokens))
-
-
-def positions(length: int):
-  return jnp.arange(length, dtype=jnp.int32)
-
-
-def band_attention(q, k, v, padding_mask, causal, *, window, block, implementation='xla'):
-  """Local attention abs(i - j) <= window over one sequence: (out, lse)."""
-  n = q.shape[1]
-  block = fit_block(n, block)
-  reach = -(-window // block)
-  pos = positions(n)
-  return run_engine(q, k, v, padding_mask, qpos=pos, kpos=pos, causal=causal, qblock=block,
-                    kblock=block, layout=lambda nq, nk: band_layout(nq, reach, 0 if causal else reach),
-                    visible=P.Band(window), implementation=implementation)
-
-
-def residue_major(x, d: int):
-  """Reorders a sequence so that positions with equal `i % d` are contiguous.
-
-  [b, n, ...] -> [b * d, ceil(n / d), ...]: row `b * d + r` holds positions r, r + d, r + 2d, ... So a
-  pattern that only links positions d apart becomes local in the new order (dilated, strided).
-  """
-  b, n = x.shape[:2]
-  m = -(-n // d)
-  x = pad_axis(x, 1, m * d)
-  x = x.reshape((b, m, d) + x.shape[2:]).swapaxes(1, 2)
-  return x.reshape((b * d, m) + x.shape[3:])
-
-
-def residue_major_inverse(x, d: int, length: int):
-  """Inverse of `residue_major`: [b * d, m, ...] -> [b, length, ...]."""
-  bd, m = x.shape[:2]
-  x = x.reshape((bd // d, d, m) + x.shape[2:]).swapaxes(1, 2)
-  return x.reshape((bd // d, m * d) + x.shape[3:])[:, :length]
 
 
 def _check_window(name, window):
@@ -158,11 +43,12 @@ def _check_block(name, block_size):
 @register('full')
 class Full(Attention):
   """Plain softmax attention over every pair: O(n^2) memory. The baseline."""
+  quadratic = True
 
   def _attend(self, q, k, v, *, padding_mask, causal, rng):
     if self.impl == 'pallas':  # the trivial layout: every query block visits every key block
       n = q.shape[1]
-      block = fit_block(n, 128)
+      block = fit_block(n, DEFAULT_BLOCK)
       pos = positions(n)
       return run_engine(q, k, v, padding_mask, qpos=pos, kpos=pos, causal=causal, qblock=block,
                         kblock=block, layout=all_blocks_layout, implementation='pallas')[0]
@@ -178,6 +64,14 @@ class Chunked(Attention):
   """Exact full attention in O(n) memory (`query_chunked_attention`)."""
   query_chunk: int = 512
   key_chunk: int = 512
+
+  @classmethod
+  def small_options(cls, heads=2):
+    return dict(query_chunk=16, key_chunk=8)
+
+  @classmethod
+  def preset(cls, keys=512):
+    return dict(query_chunk=512, key_chunk=512)
 
   def validate(self):
     check_positive_int(self.name, 'query_chunk', self.query_chunk)
@@ -211,6 +105,14 @@ class Local(Attention):
     _check_window(self.name, self.window)
     _check_block(self.name, self.block_size)
 
+  @classmethod
+  def small_options(cls, heads=2):
+    return dict(window=5, block_size=8)
+
+  @classmethod
+  def preset(cls, keys=512):
+    return dict(window=keys // 2)
+
   def _attend(self, q, k, v, *, padding_mask, causal, rng):
     block = self.block_size or auto_block(self.window)
     return band_attention(q, k, v, padding_mask, causal, window=self.window, block=block,
@@ -231,6 +133,14 @@ class Dilated(Attention):
   window: int = 64
   dilation: int | tuple[int, ...] = 2
   block_size: Optional[int] = None
+
+  @classmethod
+  def small_options(cls, heads=2):
+    return dict(window=3, dilation=(1, 2) if heads % 2 == 0 else 3)
+
+  @classmethod
+  def preset(cls, keys=512):
+    return dict(window=keys // 2, dilation=(1, 2))
 
   def validate(self):
     _check_window(self.name, self.window)
@@ -294,6 +204,14 @@ class Longformer(Attention):
   global_tokens: tuple[int, ...] = (0,)
   block_size: Optional[int] = None
 
+  @classmethod
+  def small_options(cls, heads=2):
+    return dict(window=4, global_tokens=(0, 9, 50), block_size=8)
+
+  @classmethod
+  def preset(cls, keys=512):
+    return dict(window=keys // 2, global_tokens=(0,))
+
   def validate(self):
     _check_window(self.name, self.window)
     _check_block(self.name, self.block_size)
@@ -352,6 +270,14 @@ class Strided(Attention):
   stride: int = 128
   block_size: Optional[int] = None
 
+  @classmethod
+  def small_options(cls, heads=2):
+    return dict(stride=6)
+
+  @classmethod
+  def preset(cls, keys=512):
+    return dict(stride=keys // 2)
+
   def validate(self):
     check_positive_int(self.name, 'stride', self.stride)
     _check_block(self.name, self.block_size)
@@ -363,7 +289,7 @@ class Strided(Attention):
                           implementation=self.impl)
     qr, kr, vr = (residue_major(x, l) for x in (q, k, v))
     m = qr.shape[1]
-    cblock = fit_block(m, 128)
+    cblock = fit_block(m, DEFAULT_BLOCK)
     pos = positions(m)
     # Each residue class has n / stride positions: one key block per scan step keeps memory linear.
     out, lse = run_engine(qr, kr, vr, residue_major(padding_mask, l), qpos=pos, kpos=pos,
@@ -385,6 +311,14 @@ class Fixed(Attention):
   """
   stride: int = 128
   summary: int = 16
+
+  @classmethod
+  def small_options(cls, heads=2):
+    return dict(stride=8, summary=3)
+
+  @classmethod
+  def preset(cls, keys=512):
+    return dict(stride=keys // 2, summary=8)
 
   def validate(self):
     check_positive_int(self.name, 'stride', self.stride)
@@ -412,8 +346,8 @@ class Fixed(Attention):
     ks, vs, ms = summary_of(k), summary_of(v), summary_of(padding_mask)
     spos = summary_of(pos[None])[0]
     # The summary keys grow as n * summary / stride: one key block per scan step keeps memory linear.
-    others = run_engine(q, ks, vs, ms, qpos=pos, kpos=spos, causal=causal, qblock=fit_block(n, 128),
-                        kblock=fit_block(ks.shape[1], 128), layout=all_blocks_layout,
+    others = run_engine(q, ks, vs, ms, qpos=pos, kpos=spos, causal=causal, qblock=fit_block(n, DEFAULT_BLOCK),
+                        kblock=fit_block(ks.shape[1], DEFAULT_BLOCK), layout=all_blocks_layout,
                         visible=P.OtherGroup(l), step=1, implementation=self.impl)
     return merge_partials([own, others])[0]
 
@@ -475,6 +409,14 @@ class BigBird(Attention):
   block_size: int = 64
   num_random_blocks: int = 3
   global_blocks: tuple[int, ...] = (0, -1)
+
+  @classmethod
+  def small_options(cls, heads=2):
+    return dict(block_size=8, num_random_blocks=2)
+
+  @classmethod
+  def preset(cls, keys=512):
+    return dict(block_size=64, num_random_blocks=max(1, keys // 64 - 5))
 
   def validate(self):
     check_positive_int(self.name, 'block_size', self.block_size)
