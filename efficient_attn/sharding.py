@@ -12,7 +12,8 @@ A rule maps one logical name to a mesh axis, a tuple of mesh axes, or None (repl
   parameters   'embed' -> fsdp (FSDP: every weight matrix has an 'embed' side, the model width), and
                Megatron tensor parallelism: 'heads' -> tensor (q/k/v column-split, out row-split by
                head), 'mlp' -> tensor (wi column-split, wo row-split). 'vocab', 'kv', 'length',
-               'classes' stay replicated.
+               'classes' and the learned attention weights' own axes ('attn_projected',
+               'attn_blocks', 'attn_hidden', 'attn_rank') stay replicated.
   activations  batch -> (data, fsdp) (FSDP is data parallelism whose parameters are also sharded, so
                its axis carries batch rows too), length -> sequence, heads -> tensor.
 
@@ -96,6 +97,13 @@ DEFAULT_RULES: dict[str, tuple[str, ...]] = {
     'vocab': (),
     'length': (),
     'classes': (),
+    # The weights of learned attention variants (attention/learned.py; their 'heads' axes follow
+    # 'heads' above, like the q/k/v heads they meet): linformer's projected length, sinkhorn's block
+    # slots, synthesizer's hidden width and rank. Small: replicated.
+    'attn_projected': (),
+    'attn_blocks': (),
+    'attn_hidden': (),
+    'attn_rank': (),
     # Activations.
     'activation_batch': BATCH_AXES,
     'activation_length': ('sequence',),

@@ -6,7 +6,7 @@ builds models of the same few parameter shapes (eager initialisation compiles pe
 """
 from __future__ import annotations
 
-import dataclasses
+import logging
 
 from flax import nnx
 import jax
@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 import efficient_attn as ea
+from efficient_attn import sharding
 from efficient_attn.attention import api
 from efficient_attn.models import (attention_config_defaults, count_params, create_model,
                                    model_config_defaults, parse_layer_overrides,
@@ -26,26 +27,16 @@ VOCAB = 11
 CLASSES = 3
 EMB, HEADS, MLP, CLASSIFIER = 16, 2, 32, 16
 MAX_LENGTH = 40
+LONG = 64  # the sequences of the every-variant test
 # Halves XLA's CPU compile time; these tests check values, not speed.
 FAST_COMPILE = {'xla_backend_optimization_level': 0, 'xla_llvm_disable_expensive_passes': True}
 
-# Small options that fit 16-40 token sequences; options a variant does not declare are dropped, and a
-# variant not listed here runs with its own defaults.
-SMALL_OPTIONS = {
-    'chunked': dict(query_chunk=8, key_chunk=8),
-    'local': dict(window=4),
-    'dilated': dict(window=2, dilation=2),
-    'longformer': dict(window=2, global_tokens=(0, 9)),
-    'strided': dict(stride=4),
-    'fixed': dict(stride=4, summary=1),
-    'bigbird': dict(block_size=4, num_random_blocks=1, global_blocks=(0,)),
-    'lsh': dict(bucket_size=4, num_hashes=2),
-}
+LEARNED = tuple(n for n in ea.ATTENTION_NAMES if api.variant_class(n).learned)
 
 
 def small_options(name):
-  valid = api.option_names(name)
-  return {k: v for k, v in SMALL_OPTIONS.get(name, {}).items() if k in valid}
+  """The variant's own options for sequences of tens of tokens (its class's `small_options`)."""
+  return api.variant_class(name).small_options(HEADS)
 
 
 def model_config(**changes):
@@ -56,10 +47,10 @@ def model_config(**changes):
   return c
 
 
-def build(kind, name='full', *, attention=None, seed=0, **changes):
+def build(kind, name='full', *, attention=None, seed=0, max_length=MAX_LENGTH, **changes):
   attention = attention or {'name': name, 'options': small_options(name)}
   return create_model(model_config(**changes), attention, kind=kind, vocab_size=VOCAB,
-                      num_classes=VOCAB if kind == 'lm' else CLASSES, max_length=MAX_LENGTH,
+                      num_classes=VOCAB if kind == 'lm' else CLASSES, max_length=max_length,
                       rngs=nnx.Rngs(params=seed, dropout=seed + 1, attention=seed + 2))
 
 
@@ -137,35 +128,50 @@ def classify_and_lm(classifier, lm, cls_inputs, cls_mask, lm_inputs, lm_mask, tr
 
 @pytest.mark.parametrize('name', ea.ATTENTION_NAMES)
 def test_variant_padding_invariance_and_causality(name):
-  classifier, lm = build('classify', name, pooling='cls'), build('lm', name)
-  inputs, mask = batch((2, 24), [24, 17])
-  t = 11  # the LM token that gets changed
+  variant = api.variant_class(name)
+  # 64 tokens: long enough for the variants' small_options to be sparse (and random) patterns.
+  n = LONG
+  classifier = build('classify', name, pooling='cls', max_length=n)
+  inputs, mask = batch((2, n), [n, 45])
+  t = 30  # the LM token that gets changed
   changed = inputs.copy()
   changed[:, t] = inputs[:, t] % (VOCAB - 1) + 1  # another real token id
   cls_x, cls_m = np.concatenate([inputs, repad(inputs, mask)]), np.concatenate([mask, mask])
   lm_x = np.concatenate([inputs, repad(inputs, mask), changed])
   lm_m = np.concatenate([mask, mask, mask])
-  models = (classifier, lm)
-  cls_logits, lm_logits = classify_and_lm(models, cls_x, cls_m, lm_x, lm_m)
+  if variant.supports_causal:
+    lm = build('lm', name, max_length=n)
+    models = (classifier, lm)
+    run = lambda: classify_and_lm(models, cls_x, cls_m, lm_x, lm_m)
+  else:
+    # Bidirectional only (linformer, nystrom): the causal LM refuses it when called.
+    with pytest.raises(ValueError, match='causal'):
+      eval_shape(build('lm', name, max_length=n), inputs, mask)
+    run = lambda: (classify((classifier,), cls_x, cls_m), None)
+  cls_logits, lm_logits = run()
   assert cls_logits.shape == (4, CLASSES) and cls_logits.dtype == np.float32
-  assert lm_logits.shape == (6, 24, VOCAB) and lm_logits.dtype == np.float32
-  assert np.all(np.isfinite(cls_logits)) and np.all(np.isfinite(lm_logits))
+  assert np.all(np.isfinite(cls_logits))
   # Padded token ids change nothing at real positions.
   np.testing.assert_allclose(cls_logits[2:], cls_logits[:2], rtol=1e-5, atol=1e-5)
-  np.testing.assert_allclose(lm_logits[2:4][mask], lm_logits[:2][mask], rtol=1e-5, atol=1e-5)
-  # Changing token t changes no logit before t (and does change some from t on).
-  assert max_diff(lm_logits[4:, t:], lm_logits[:2, t:]) > 1e-4
-  if name != 'lsh':
-    # Reformer LSH sorts the whole sequence by hash bucket, so a later token can move an earlier one
-    # into another chunk: its causal mask holds (the probe test checks that causal=True reaches every
-    # layer), but the chunking itself sees the future. A property of LSH, not of the model.
-    np.testing.assert_allclose(lm_logits[4:, :t], lm_logits[:2, :t], rtol=1e-5, atol=1e-5)
+  if variant.supports_causal:
+    assert lm_logits.shape == (6, n, VOCAB) and lm_logits.dtype == np.float32
+    assert np.all(np.isfinite(lm_logits))
+    np.testing.assert_allclose(lm_logits[2:4][mask], lm_logits[:2][mask], rtol=1e-5, atol=1e-5)
+    # Changing token t changes no logit before t (and does change some from t on).
+    assert max_diff(lm_logits[4:, t:], lm_logits[:2, t:]) > 1e-4
+    if name != 'lsh':
+      # Reformer LSH sorts the whole sequence by hash bucket, so a later token can move an earlier
+      # one into another chunk: its causal mask holds (the probe test checks that causal=True
+      # reaches every layer), but the chunking itself sees the future. A property of LSH, not of
+      # the model.
+      np.testing.assert_allclose(lm_logits[4:, :t], lm_logits[:2, :t], rtol=1e-5, atol=1e-5)
 
-  if api._REGISTRY[name].needs_rng:
+  if variant.needs_rng:
     # Evaluation uses fixed keys; every training call draws fresh ones.
-    again = classify_and_lm(models, cls_x, cls_m, lm_x, lm_m)
+    again = run()
     np.testing.assert_array_equal(again[0], cls_logits)
-    np.testing.assert_array_equal(again[1], lm_logits)
+    if variant.supports_causal:
+      np.testing.assert_array_equal(again[1], lm_logits)
     train_a = classify((classifier,), cls_x, cls_m, train=True)
     train_b = classify((classifier,), cls_x, cls_m, train=True)
     assert max_diff(train_a, train_b) > 1e-6
@@ -297,10 +303,20 @@ def test_probe_masks_causal_and_keys_reach_every_layer(probe):
   for a, b in zip(train_a, train_b):
     assert max_diff(a, b) > 1e-6
   keys = [tuple(k.ravel()) for _, k in probe['calls']]
-  fixed = [tuple(np.asarray(jax.random.key_data(jax.random.fold_in(jax.random.key(0), i))).ravel())
-           for i in (0, 1)]
-  assert keys[:8] == fixed * 4  # evaluation: fold_in(key(0), layer index), every call
+
+  def evaluation_key(seed, layer):
+    # Layer i's stream is the i-th fork of the model's 'attention' stream, fold_in(key(seed), i);
+    # its evaluation key is fold_in(stream key, 2**32 - 1), never a training draw (counts stay
+    # below 2**32 - 1).
+    stream = jax.random.fold_in(jax.random.key(seed), layer)
+    return tuple(np.asarray(jax.random.key_data(jax.random.fold_in(stream, 2**32 - 1))).ravel())
+
+  # The classifier's attention stream has seed 2 (build(seed=0)), the LM's seed 12 (build(seed=10)).
+  fixed = [evaluation_key(2, 0), evaluation_key(2, 1), evaluation_key(12, 0), evaluation_key(12, 1)]
+  assert keys[:8] == fixed * 2  # evaluation: from the run's seed and the layer, the same every call
+  assert len(set(fixed)) == 4  # distinct per layer and per seed
   assert len(set(keys[8:])) == 8  # training: fresh per layer and per step (the two models' seeds differ)
+  assert not set(keys[8:]) & set(fixed)
 
 
 def test_missing_rng_streams_raise(probe):
@@ -331,14 +347,13 @@ def test_layer_overrides_build_mixed_model():
   inputs, mask = batch((2, 20), [20, 15])
   assert eval_shape(model, inputs, mask).shape == (2, CLASSES)
 
-  # An override variant takes its options from variant_options.
+  # An override variant takes its options from the override item.
   config = attention_config_defaults('full')
-  config.layer_overrides = f'0:{base}'
-  first_option = next(iter(small_options(base)))
-  config.variant_options[base][first_option] = small_options(base)[first_option]
+  first_option, value = next(iter(small_options(base).items()))
+  config.layer_overrides = f'0:{base}({first_option}={value!r})'
   attentions = layer_attentions(build('classify', attention=config))
   assert attentions[0].name == base and attentions[1].name == 'full'
-  assert getattr(attentions[0], first_option) == small_options(base)[first_option]
+  assert getattr(attentions[0], first_option) == value
 
 
 def test_parse_layer_overrides():
@@ -365,11 +380,6 @@ def test_bad_layer_overrides_raise(overrides, match):
 
 # -- Longformer's global projections ----------------------------------------------------------------
 
-needs_longformer = pytest.mark.skipif('longformer' not in ea.ATTENTION_NAMES,
-                                      reason='longformer not registered yet')
-
-
-@needs_longformer
 def test_longformer_global_projections_match_direct_recomputation():
   options = dict(window=2, global_tokens=(0, 9, 99))  # 99 lies past the sequence: ignored
   attention = {'name': 'longformer', 'options': options}
@@ -418,6 +428,9 @@ def test_longformer_global_projections_match_direct_recomputation():
 
 
 def test_global_projections_ignored_for_other_variants():
+  # The capability is the variant's `global_tokens` option, not its name.
+  assert [n for n in ea.ATTENTION_NAMES if layers.has_global_tokens(ea.make_attention(n))] == (
+      ['longformer'] if 'longformer' in ea.ATTENTION_NAMES else [])
   model = build('classify', 'full', longformer_global_projections=True)
   assert not model.encoder.blocks[0].attention.has_global_projections
   assert count_params(model) == count_params(build('classify', 'full'))
@@ -476,29 +489,31 @@ def test_count_params_matches_formula():
 
 
 def test_attention_config_defaults_hold_variant_defaults():
+  every_option = {o for n in ea.ATTENTION_NAMES for o in api.option_names(n)}
   for name in ea.ATTENTION_NAMES:
     config = attention_config_defaults(name)
     assert config.name == name and config.layer_overrides == ''
-    fields = {f.name for f in dataclasses.fields(api._REGISTRY[name])}
-    assert set(config.options.keys()) == fields
-    assert set(config.variant_options.keys()) == set(ea.ATTENTION_NAMES)
+    # One unset field per option of any variant; unset options resolve to the variant's defaults.
+    assert set(config.options.keys()) == every_option
+    assert all(config.options[o] is None for o in every_option)
+    assert resolve_layer_attentions(config, 1) == (ea.make_attention(name),)
   with pytest.raises(ValueError, match="unknown attention 'nope'"):
     attention_config_defaults('nope')
   assert isinstance(model_config_defaults(), ml_collections.ConfigDict)
 
 
-@pytest.mark.skipif('local' not in ea.ATTENTION_NAMES, reason='local not registered yet')
 def test_none_default_options_are_settable_placeholders():
   config = attention_config_defaults('local')
   assert config.options.block_size is None  # a typed placeholder: unset means the variant's default
   assert resolve_layer_attentions(config, 1)[0].block_size is None
   config.options.block_size = 16  # what --config.attention.options.block_size=16 does
-  config.variant_options.local.window = 3
-  config.options.window = 5  # `options` wins over variant_options for the base variant
+  config.options.window = 5
   (attention,) = resolve_layer_attentions(config, 1)
   assert attention.block_size == 16 and attention.window == 5
   with pytest.raises(TypeError):
     config.options.block_size = 'sixteen'  # the placeholder keeps its type
+  with pytest.raises(ValueError, match='variant_options no longer exists'):
+    resolve_layer_attentions({'name': 'local', 'variant_options': {}}, 1)
 
 
 @pytest.mark.parametrize('changes, match', [
@@ -541,3 +556,106 @@ def test_bad_arguments_raise():
     model(inputs, mask[:, :15], train=False)
   with pytest.raises(ValueError, match='inputs'):
     build('pair')(inputs, mask, train=False)
+
+
+# -- learned attention weights ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize('name', LEARNED)
+def test_learned_attention_weights_are_params_that_train(name):
+  model = build('classify', name, pooling='cls')
+  attn = ea.make_attention(name, **small_options(name))
+  axes = attn.param_axes()
+  # Sized for the longest sequence a layer sees: max_length + the CLS token.
+  want = jax.eval_shape(lambda: attn.init(jax.random.key(0), length=MAX_LENGTH + 1, heads=HEADS,
+                                          head_dim=EMB // HEADS))
+  assert axes and set(axes) == set(want)
+  state = nnx.state(model, nnx.Param)
+  flat = dict(nnx.to_flat_state(state))
+  specs = nnx.get_partition_spec(state)
+  for i, block in enumerate(model.encoder.blocks):
+    assert set(block.attention.variant_params.keys()) == set(axes)
+    for pname, names in axes.items():
+      param = flat[('encoder', 'blocks', i, 'attention', 'variant_params', pname)]
+      assert isinstance(param, nnx.Param)
+      assert param.shape == want[pname].shape and param[...].dtype == jnp.float32
+      assert param.get_metadata('out_sharding') == names
+      spec = specs['encoder']['blocks'][i]['attention']['variant_params'][pname].get_value()
+      assert tuple(spec) == names
+      for logical in names:  # every logical name has a sharding rule
+        assert logical in sharding.DEFAULT_RULES
+
+  inputs, mask = batch((2, 24), [24, 17])
+  labels = np.array([0, 2])
+  weights = model.encoder.blocks[0].attention.variant_params
+  before = {pname: np.asarray(p[...]) for pname, p in weights.items()}
+
+  @compiled
+  def sgd_step(model):
+    loss, grads = nnx.value_and_grad(ce_loss)(model, inputs, mask, labels)
+    params = nnx.state(model, nnx.Param)
+    nnx.update(model, jax.tree.map(lambda p, g: p - 0.5 * g, params, grads))
+    return loss, grads['encoder']['blocks'][0]['attention']['variant_params']
+
+  loss, grads = sgd_step((model,))
+  assert np.isfinite(loss)
+  assert_finite_nonzero(grads)
+  after = model.encoder.blocks[0].attention.variant_params
+  for pname, value in before.items():
+    assert max_diff(after[pname][...], value) > 1e-6, pname  # the step changed every weight
+
+
+def test_unsplit_variants_log_one_warning(monkeypatch, caplog):
+  # A 'sequence' axis of 2 (as under a mesh) without devices: only the unsplit path is taken here.
+  monkeypatch.setattr(sharding, 'sequence_axis_size', lambda: 2)
+  monkeypatch.setattr(layers, '_WARNED_UNSPLIT', set())
+  model = build('classify', 'linformer', pooling='cls')  # two layers, one config
+  inputs, mask = batch((2, 24), [24, 17])
+  with caplog.at_level(logging.WARNING, logger=layers.__name__):
+    eval_shape(model, inputs, mask)
+    eval_shape(model, inputs, mask)
+  lines = [r.getMessage() for r in caplog.records
+           if 'without sequence parallelism' in r.getMessage()]
+  assert len(lines) == 1, lines
+  assert "'linformer'" in lines[0] and 'not split' in lines[0]
+  if 'lsh' in ea.ATTENTION_NAMES:
+    assert 'plan' in layers.unsplit_reason(ea.make_attention('lsh'), 24, 2)
+  if 'bigbird' in ea.ATTENTION_NAMES:  # unsplit only when the length needs padding to the axis
+    assert 'multiple' in layers.unsplit_reason(ea.make_attention('bigbird'), 25, 2)
+    assert layers.unsplit_reason(ea.make_attention('bigbird'), 24, 2) is None
+  if 'local' in ea.ATTENTION_NAMES:
+    assert layers.unsplit_reason(ea.make_attention('local'), 25, 2) is None
+
+
+def test_linformer_classifier_trains_through_train_and_evaluate(tmp_path):
+  from configs import listops  # pylint: disable=import-outside-toplevel
+  from efficient_attn import data  # pylint: disable=import-outside-toplevel
+  from efficient_attn import metrics as metrics_lib  # pylint: disable=import-outside-toplevel
+  from efficient_attn import train_lib  # pylint: disable=import-outside-toplevel
+  from efficient_attn import train_state as ts  # pylint: disable=import-outside-toplevel
+  from test_train_resume import _latest_state  # pylint: disable=import-outside-toplevel
+
+  config = listops.get_config('attention=linformer,tiny')
+  config.data.cache_dir = str(tmp_path / 'cache')
+  config.train.progress_bar = False
+  config.attention.options.projected_length = 8
+  config.model.dropout_rate = 0.0
+  for key, value in dict(steps=3, eval_every=3, checkpoint_every=3, log_every=1).items():
+    config.train[key] = value
+  workdir = str(tmp_path / 'run')
+  results = train_lib.train_and_evaluate(config, workdir)
+  assert results['steps'] == 3 and np.isfinite(results['test/loss'])
+  losses = [r['train/loss'] for r in metrics_lib.read_metrics(workdir) if 'train/loss' in r]
+  assert len(losses) == 3 and all(np.isfinite(losses))
+
+  # The checkpoint holds the projections (and their optimizer moments), trained away from the init.
+  step, saved, _ = _latest_state(workdir)
+  assert step == 3
+  initial = ts.split_model(train_lib.build_model(config, data.load_task(config.data),
+                                                 train_lib.default_components()))[1]['params']
+  e_init = np.asarray(initial['encoder']['blocks'][0]['attention']['variant_params']['E'][...])
+  params_e = [k for k in saved if 'variant_params' in k and "['E']" in k and 'opt_state' not in k]
+  assert len(params_e) == 1, sorted(saved)
+  assert saved[params_e[0]].shape == e_init.shape == (8, config.data.max_length + 1)
+  assert max_diff(saved[params_e[0]], e_init) > 1e-6
+  assert any('variant_params' in k and 'opt_state' in k for k in saved)

@@ -70,6 +70,15 @@ class Fixed:
 
 
 @dataclasses.dataclass(frozen=True)
+class SameBlock:
+  """i // block == j // block: non-overlapping chunks (LRA's local attention, `block_local`)."""
+  block: int
+
+  def __call__(self, i, j, aux=()):
+    return i // self.block == j // self.block
+
+
+@dataclasses.dataclass(frozen=True)
 class OtherGroup:
   """i // group != j // group: the fixed pattern's summary columns minus the query's own group."""
   group: int

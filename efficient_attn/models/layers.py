@@ -7,10 +7,14 @@ rules. The annotation is recorded, not applied: `eager_sharding=False`, because 
 mesh (and no rule mapping 'embed' etc. to mesh axes) need exist.
 
 Logical axes: 'vocab' (token table rows / LM classes), 'length' (learned positions), 'embed' (model
-width), 'heads', 'kv' (head_dim), 'mlp' (MLP and classifier hidden width), 'classes' (class logits).
+width), 'heads', 'kv' (head_dim), 'mlp' (MLP and classifier hidden width), 'classes' (class logits);
+the weights of learned attention variants add the names of their `param_axes()` ('attn_projected',
+'attn_blocks', 'attn_hidden', 'attn_rank'; rules in sharding.DEFAULT_RULES).
 """
 from __future__ import annotations
 
+import dataclasses
+import logging
 from typing import Any, Callable, Sequence
 
 from flax import nnx
@@ -25,6 +29,13 @@ from efficient_attn.attention.dense import dense_attention
 
 Initializer = Callable[..., jax.Array]
 LAYER_NORM_EPSILON = 1e-6
+# The evaluation key of a layer is fold_in(its 'attention' stream key, EVALUATION_KEY_INDEX);
+# training draws fold_in(key, count) with count = 0, 1, 2, ..., which would need 2**32 - 1 draws to
+# meet it.
+EVALUATION_KEY_INDEX = 2**32 - 1
+
+_LOG = logging.getLogger(__name__)
+_WARNED_UNSPLIT: set[tuple[Any, ...]] = set()  # (attention, axis size, reason) already logged
 
 
 def make_param(rngs: nnx.Rngs, init: Initializer, shape: Sequence[int],
@@ -142,20 +153,60 @@ def global_rows_attention(qg: jax.Array, k: jax.Array, v: jax.Array, positions: 
   return jnp.where(padding_mask[:, positions][:, :, None, None], out, 0).astype(qg.dtype)
 
 
+def has_global_tokens(attention: Attention) -> bool:
+  """Whether the variant has global tokens: a `global_tokens` option holding sequence positions
+  (longformer). Such a layer can recompute its global rows with own projections."""
+  return any(f.name == 'global_tokens' for f in dataclasses.fields(type(attention)))
+
+
+def evaluation_key(stream_key: jax.Array) -> jax.Array:
+  """The fixed evaluation key of a layer whose 'attention' stream has key `stream_key` (the layer's
+  fork: derived from the run's seed and the layer's place among the layers that draw keys)."""
+  return jax.random.fold_in(stream_key, EVALUATION_KEY_INDEX)
+
+
+def unsplit_reason(attention: Attention, length: int, size: int) -> str | None:
+  """Why a layer with `attention` would run without sequence parallelism on a 'sequence' axis of
+  `size` > 1 for a sequence of `length` (None: it is split)."""
+  if attention.learned or attention.name not in sequence_parallel.SUPPORTED:
+    return 'the variant has no sequence-parallel plan'
+  if length % size and attention.name == 'bigbird':
+    return (f'its random block layout depends on the length, and {length} is not a multiple of '
+            f'the sequence axis size {size}')
+  return None
+
+
+def _warn_unsplit(attention: Attention, size: int, reason: str) -> None:
+  """One warning line per (attention config, axis size, reason), however many layers and traces."""
+  key = (attention, size, reason)
+  if key in _WARNED_UNSPLIT:
+    return
+  _WARNED_UNSPLIT.add(key)
+  _LOG.warning("Attention %r runs without sequence parallelism on the mesh's sequence axis of "
+               'size %d (%s): every device holds the whole sequence, its memory per device is not '
+               'split. Config: %r.', attention.name, size, reason, attention)
+
+
 class SelfAttention(nnx.Module):
   """Multi-head self-attention through the public attention API, one variant per layer.
 
   Variants with random structure (`attention.needs_rng`) get a fresh key from this layer's own fork of
-  the 'attention' rng stream on every training call, and the fixed key
-  `fold_in(jax.random.key(0), layer_index)` (in the stream's PRNG implementation) in evaluation, so
-  evaluation is deterministic.
+  the 'attention' rng stream on every training call, and in evaluation the fixed key
+  `evaluation_key(stream key)`: derived from the run's seed (through the stream) and distinct per
+  layer, so evaluation is deterministic for a seed.
 
-  With `global_projections` (Longformer only) the rows of the global tokens are recomputed with their
-  own query/key/value projections (initialised as copies of the local ones) over every real token.
+  Variants with learned weights (`attention.learned`) get them from `attention.init` sized for
+  `max_length` tokens (the longest sequence the layer sees, CLS included), as `nnx.Param`s in
+  `self.variant_params` with the logical axis names of `attention.param_axes()`, so they train,
+  shard, checkpoint and resume like every other weight; each call passes them as `params=`.
+
+  With `global_projections` (variants with global tokens: `has_global_tokens`, i.e. longformer) the
+  rows of the global tokens are recomputed with their own query/key/value projections (initialised
+  as copies of the local ones) over every real token.
   """
 
   def __init__(self, emb_dim: int, num_heads: int, attention: Attention, *, layer_index: int,
-               global_projections: bool, rngs: nnx.Rngs):
+               global_projections: bool, rngs: nnx.Rngs, max_length: int | None = None):
     head_dim = emb_dim // num_heads
     self.attention = attention
     self.layer_index = layer_index
@@ -163,8 +214,19 @@ class SelfAttention(nnx.Module):
     self.key = HeadsProjection(emb_dim, num_heads, head_dim, rngs=rngs)
     self.value = HeadsProjection(emb_dim, num_heads, head_dim, rngs=rngs)
     self.out = OutProjection(num_heads, head_dim, emb_dim, rngs=rngs)
+    if attention.learned:
+      if max_length is None:
+        raise ValueError(f'Attention {attention.name!r} has learned weights sized by the sequence '
+                         'length: SelfAttention needs max_length= (the longest sequence it sees).')
+      values = attention.init(rngs.params(), length=int(max_length), heads=num_heads,
+                              head_dim=head_dim)
+      axes = attention.param_axes()
+      self.variant_params = nnx.Dict({
+          name: nnx.Param(jnp.asarray(value, jnp.float32), out_sharding=tuple(axes[name]),
+                          eager_sharding=False)
+          for name, value in values.items()})
     self.global_tokens: tuple[int, ...] = ()
-    if global_projections and attention.name == 'longformer':
+    if global_projections and has_global_tokens(attention):
       self.global_tokens = tuple(int(p) for p in getattr(attention, 'global_tokens', ()))
       self.global_query = nnx.clone(self.query)
       self.global_key = nnx.clone(self.key)
@@ -182,28 +244,40 @@ class SelfAttention(nnx.Module):
   def has_global_projections(self) -> bool:
     return hasattr(self, 'global_query')
 
+  def learned_params(self) -> dict[str, jax.Array] | None:
+    """The variant's weights as arrays ({name: array}), None for variants without weights."""
+    if not hasattr(self, 'variant_params'):
+      return None
+    return {name: param[...] for name, param in self.variant_params.items()}
+
   def attention_key(self, train: bool) -> jax.Array | None:
-    """A fresh key from this layer's stream in training; fold_in(key(0), layer) in evaluation."""
+    """A fresh key from this layer's stream in training, `evaluation_key(stream key)` in
+    evaluation."""
     if not self.attention.needs_rng:
       return None
     if train:
       return self.rng()
-    # The evaluation key uses the stream's PRNG implementation (e.g. 'rbg'), like the training keys.
-    impl = jax.random.key_impl(self.rng.key[...])
-    return jax.random.fold_in(jax.random.key(0, impl=impl), self.layer_index)
+    return evaluation_key(self.rng.key[...])
 
   def attend(self, q: jax.Array, k: jax.Array, v: jax.Array, padding_mask: jax.Array, *,
              causal: bool, rng: jax.Array | None) -> jax.Array:
     """The attention call on [batch, length, heads, head_dim]; split over the mesh's 'sequence' axis
     (`sequence_parallel_attention`) when it is > 1 and sequence parallelism is on (see
-    `sharding.use_rules`). The length is padded (masked) to a multiple of the axis size; bigbird,
-    whose random layout depends on the length, and lsh (unsupported) then run unsplit."""
+    `sharding.use_rules`). The length is padded (masked) to a multiple of the axis size. Variants
+    without a sequence-parallel plan (lsh, the learned ones), and bigbird when its length would need
+    that padding (its random layout depends on the length), run unsplit, with one warning."""
     size = sharding.sequence_axis_size()
-    name = self.attention.name
     n = q.shape[1]
+    params = self.learned_params()
+    reason = unsplit_reason(self.attention, n, size) if size > 1 else None
+    if size == 1 or reason is not None:
+      if reason is not None:
+        _warn_unsplit(self.attention, size, reason)
+      if params is None:
+        return self.attention(q, k, v, padding_mask=padding_mask, causal=causal, rng=rng)
+      return self.attention(q, k, v, padding_mask=padding_mask, causal=causal, rng=rng,
+                            params=params)
     pad = -n % size
-    if size == 1 or name not in sequence_parallel.SUPPORTED or (pad and name == 'bigbird'):
-      return self.attention(q, k, v, padding_mask=padding_mask, causal=causal, rng=rng)
     if pad:
       widths = ((0, 0), (0, pad), (0, 0), (0, 0))
       q, k, v = (jnp.pad(t, widths) for t in (q, k, v))
@@ -235,13 +309,13 @@ class Block(nnx.Module):
   """Pre-LayerNorm block: x + drop(attn(LN(x))), then x + drop(mlp(LN(x))). [b, n, e] -> [b, n, e]."""
 
   def __init__(self, config: dict[str, Any], attention: Attention, *, layer_index: int,
-               rngs: nnx.Rngs):
+               rngs: nnx.Rngs, max_length: int | None = None):
     dtype = config['dtype']
     self.attention_norm = LayerNorm(config['emb_dim'], dtype=dtype, rngs=rngs)
     self.attention = SelfAttention(config['emb_dim'], config['num_heads'], attention,
                                    layer_index=layer_index,
                                    global_projections=config['longformer_global_projections'],
-                                   rngs=rngs)
+                                   rngs=rngs, max_length=max_length)
     self.mlp_norm = LayerNorm(config['emb_dim'], dtype=dtype, rngs=rngs)
     self.mlp = Mlp(config['emb_dim'], config['mlp_dim'], rngs=rngs)
     self.dropout = make_dropout(config['dropout_rate'], rngs)

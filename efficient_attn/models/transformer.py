@@ -13,10 +13,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from efficient_attn.attention.api import Attention
+from efficient_attn.data.base import KINDS
 from efficient_attn.models import config as config_lib
 from efficient_attn.models import layers
-
-KINDS = ('classify', 'pair', 'lm')
 
 
 def sinusoidal_positions(length: int, emb_dim: int) -> np.ndarray:
@@ -47,7 +46,10 @@ def _check_inputs(inputs: jax.Array, mask: jax.Array | None, ndim: int, what: st
   if mask.shape != inputs.shape:
     raise ValueError(f'{what} model: mask must have the shape of inputs {inputs.shape}, got '
                      f'{mask.shape}.')
-  return inputs, mask.astype(bool)
+  if not (mask.dtype == jnp.bool_ or jnp.issubdtype(mask.dtype, jnp.integer)):
+    raise ValueError(f'{what} model: mask must be bool (True for real tokens) or 0/1 integers, got '
+                     f'dtype {mask.dtype}.')
+  return inputs, mask != 0
 
 
 class Encoder(nnx.Module):
@@ -74,7 +76,7 @@ class Encoder(nnx.Module):
                                                   (positions, emb_dim), ('length', 'embed'))
     self.embedding_dropout = layers.make_dropout(config['dropout_rate'], rngs)
     self.blocks = nnx.List([
-        layers.Block(config, attention, layer_index=i, rngs=rngs)
+        layers.Block(config, attention, layer_index=i, rngs=rngs, max_length=positions)
         for i, attention in enumerate(attentions)
     ])
     self.final_norm = layers.LayerNorm(emb_dim, dtype=self.dtype, rngs=rngs)
@@ -222,7 +224,8 @@ def create_model(model_config, attention_config, *, kind: str, vocab_size: int, 
     raise ValueError(f'rngs must be an nnx.Rngs, got {type(rngs).__name__}.')
   config = config_lib.resolve_model_config(model_config)
   config['dtype'] = config_lib.DTYPES[config['dtype']]
-  attentions = config_lib.resolve_layer_attentions(attention_config, config['num_layers'])
+  attentions = config_lib.resolve_layer_attentions(attention_config, config['num_layers'],
+                                                    config['num_heads'])
   return _MODELS[kind](config, attentions, vocab_size=int(vocab_size),
                        num_classes=int(num_classes), max_length=int(max_length), rngs=rngs)
 
