@@ -11,7 +11,8 @@ Every fixed-pattern variant is a *layout* for this engine:
 The engine walks the slots with the online softmax (running max, running sum, rescaled accumulator), so
 memory is O(n * keys visited per step), never O(n^2). Its backward is written by hand (flash-attention
 style: recompute the scores per slot from the saved log-sum-exp, scatter-add the key/value gradients back
-to their blocks), so nothing but q, k, v, out and lse is saved for the backward pass.
+to their blocks), so nothing but q, k, v, out and lse is saved for the backward pass. Being a
+`jax.custom_vjp`, it supports reverse mode only: `jax.jvp` (forward mode) raises JAX's TypeError.
 
 Layouts must list each key block at most once per row (`dedupe_slots`): a block listed twice would count
 its keys twice. Blocked arrays are [batch, heads, num_blocks, block, head_dim].

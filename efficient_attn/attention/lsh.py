@@ -7,13 +7,15 @@ merged with weights `softmax_r(lse_r)`, which is exactly dense attention with `l
 scores, `C[i, j]` the number of rounds in which key j is visible to query i (`LSHAttention.dense_bias`).
 
 Memory is linear in the length: the largest arrays hold `num_hashes * length * 2 * bucket_size` scores.
+The permutations are a `jax.custom_vjp` (gathers both ways), so `lsh` supports reverse-mode autodiff
+only: `jax.jvp` raises JAX's TypeError.
 """
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
 
-from efficient_attn.attention.api import Attention, check_positive_int, register
+from efficient_attn.attention.api import Attention, check_causal, check_positive_int, register
 from efficient_attn.attention.dense import MASK_VALUE
 
 
@@ -266,11 +268,12 @@ class LSHAttention(Attention):
       float32 [b, h, n, n]: `log C[i, j]`, C the number of rounds in which key j is visible to query i,
       and MASK_VALUE where C == 0.
     """
-    self._check_inputs(q, k, k, padding_mask)
+    padding_mask = self._check_inputs(q, k, k, padding_mask)
     rng = self._check_rng(rng)
+    causal = check_causal(self.name, causal)
     b, n = k.shape[:2]
-    padding_mask = (jnp.ones((b, n), bool) if padding_mask is None
-                    else jnp.asarray(padding_mask, bool))
+    if padding_mask is None:
+      padding_mask = jnp.ones((b, n), bool)
     n_pad, chunks, nb = self._layout(n)
     real = jnp.pad(padding_mask, ((0, 0), (0, n_pad - n)))
     _, inv = self._sort_order(_heads_major(k, padding_mask, n_pad), real, rng, nb)

@@ -37,7 +37,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from efficient_attn.attention import patterns as P
-from efficient_attn.attention.api import Attention
+from efficient_attn.attention.api import Attention, check_causal, check_padding_mask
 from efficient_attn.attention.dense import MASK_VALUE
 from efficient_attn.attention.blocks import (DEFAULT_BLOCK, all_blocks_layout, auto_block,
                                              fit_block, from_blocks, lse_from_blocks, pad_axis,
@@ -45,9 +45,6 @@ from efficient_attn.attention.blocks import (DEFAULT_BLOCK, all_blocks_layout, a
                                              to_blocks)
 from efficient_attn.attention.engine import (block_sparse_attention, query_chunked_attention,
                                              run_engine)
-
-SUPPORTED = ('full', 'chunked', 'local', 'dilated', 'longformer', 'strided', 'fixed', 'bigbird')
-
 
 # --------------------------------------------------------------------------------------------------
 # The shard a device holds
@@ -644,6 +641,8 @@ _PLANS = {
     'fixed': _plan_fixed,
     'bigbird': _plan_bigbird,
 }
+# The variants with a plan, in the table's order: the one list (models and tests read it).
+SUPPORTED = tuple(_PLANS)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -716,9 +715,13 @@ def sequence_parallel_attention(attn: Attention, q, k, v, *, padding_mask=None, 
   # extra positions are masked) and the output is cut back.
   unit = attn.block_size if attn.name == 'bigbird' else 1
   s_run = round_up(n, size * unit) // size
-  mask = jnp.ones((b, n), bool) if padding_mask is None else jnp.asarray(padding_mask, bool)
+  causal = check_causal(attn.name, causal)
+  mask = check_padding_mask(attn.name, padding_mask, (b, n))
+  mask = jnp.ones((b, n), bool) if mask is None else mask
+  # Padded contents never matter (the contract): zero them once, as `Attention.__call__` does.
+  q, k, v = (jnp.where(mask[:, :, None, None], x, jnp.zeros((), x.dtype)) for x in (q, k, v))
   sh = Shard(axis=axis, size=size, length=s_run, impl=attn.impl)
-  run, replicated = _PLANS[attn.name](attn, n=n, sh=sh, causal=bool(causal), heads=heads, rng=rng)
+  run, replicated = _PLANS[attn.name](attn, n=n, sh=sh, causal=causal, heads=heads, rng=rng)
 
   def per_device(q, k, v, m, *rep):
     q_run, k_run, v_run, m_run = (realign(x, s, s_run, sh) for x in (q, k, v, m))

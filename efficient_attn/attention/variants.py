@@ -156,6 +156,9 @@ class Dilated(Attention):
     d = self.dilation
     return tuple(d) if isinstance(d, (tuple, list)) else (d,)
 
+  def check_heads(self, heads):
+    self._heads_per_group(heads)
+
   def _heads_per_group(self, heads: int) -> int:
     groups = len(self.dilations)
     if heads % groups:
@@ -318,7 +321,7 @@ class Fixed(Attention):
 
   @classmethod
   def preset(cls, keys=512):
-    return dict(stride=keys // 2, summary=8)
+    return dict(stride=keys // 2, summary=min(8, keys // 2))
 
   def validate(self):
     check_positive_int(self.name, 'stride', self.stride)
@@ -374,6 +377,8 @@ def random_blocks(rng, heads: int, num_blocks: int, num_random: int, excluded):
     idx int32 [heads, num_blocks, num_random] and valid bool (False where too few blocks are left).
   """
   ex_idx, ex_valid = excluded
+  if num_random == 0:  # window and global blocks only: nothing to draw (and no key needed)
+    return (jnp.zeros((heads, num_blocks, 0), jnp.int32), jnp.zeros((heads, num_blocks, 0), bool))
   ex_valid = dedupe_slots(ex_idx, ex_valid)
   sentinel = num_blocks + num_random + ex_idx.shape[-1]  # above any rank or block
   ex_sorted = jnp.sort(jnp.where(ex_valid, ex_idx, sentinel), axis=-1)
@@ -403,7 +408,8 @@ class BigBird(Attention):
   R holds `num_random_blocks` distinct blocks per head and query block drawn from `rng`, outside the
   window and global blocks (fewer when not enough remain). `global_blocks` are block indices; negative
   ones count from the end (default first and last). The layout is exact at block level, so the engine
-  needs no token predicate; `dense_mask` expands the same layout.
+  needs no token predicate; `dense_mask` expands the same layout. `num_random_blocks=0` leaves the
+  window and the global blocks, a fixed pattern: `rng` may then be omitted.
   """
   needs_rng = True
   block_size: int = 64
@@ -427,6 +433,11 @@ class BigBird(Attention):
     for g in self.global_blocks:
       if isinstance(g, bool) or not isinstance(g, int):
         raise ValueError(f'{self.name}: global_blocks entries must be ints, got {g!r}.')
+
+  def _check_rng(self, rng):
+    if rng is None and self.num_random_blocks == 0:
+      return None
+    return super()._check_rng(rng)
 
   def _globals(self, num_blocks):
     return tuple(sorted({g % num_blocks for g in self.global_blocks if -num_blocks <= g < num_blocks}))
@@ -469,3 +480,46 @@ class BigBird(Attention):
       blocks = blocks.at[:, jnp.asarray(g)].set(True)
     tok = jnp.arange(length) // self.block_size
     return P.with_causal(blocks[:, tok][:, :, tok], causal)
+
+
+# --------------------------------------------------------------------------------------------------
+# block_local (LRA's "Local Attention")
+# --------------------------------------------------------------------------------------------------
+
+
+@register('block_local')
+class BlockLocal(Attention):
+  """Non-overlapping chunks: query i sees the keys of its chunk, i // block_size == j // block_size.
+
+  LRA's "Local Attention" (Tay et al. 2021; long-range-arena `models/local/local_attention.py`):
+  the sequence is cut into contiguous chunks of `block_size` and each chunk attends only to itself,
+  so a query sees at most `block_size` keys and chunks never exchange information. (The reference
+  module's reshape to [batch, block_size, num_blocks, ...] grouped strided tokens instead of
+  contiguous ones; this is the contiguous pattern the paper describes.) Default 128 (the reference
+  module defaults to 20): one engine block, a full matmul tile. On the engine it is the
+  block-diagonal layout: query block a visits key block a, with no token predicate.
+  """
+  block_size: int = 128
+
+  @classmethod
+  def small_options(cls, heads=2):
+    return dict(block_size=8)
+
+  @classmethod
+  def preset(cls, keys=512):
+    return dict(block_size=keys)
+
+  def validate(self):
+    check_positive_int(self.name, 'block_size', self.block_size)
+
+  def _attend(self, q, k, v, *, padding_mask, causal, rng):
+    n = q.shape[1]
+    # block_size >= n: one chunk holds the whole sequence, and one (smaller) block suffices.
+    block = fit_block(n, self.block_size)
+    pos = positions(n)
+    return run_engine(q, k, v, padding_mask, qpos=pos, kpos=pos, causal=causal, qblock=block,
+                      kblock=block, layout=lambda nq, nk: band_layout(nq, 0, 0),
+                      implementation=self.impl)[0]
+
+  def dense_mask(self, length, *, causal=False, rng=None, heads=None):
+    return P.with_causal(P.SameBlock(self.block_size)(*P.grid(length))[None], causal)
