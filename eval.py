@@ -12,6 +12,7 @@ import sys
 from absl import app
 from absl import flags
 
+from efficient_attn import cli
 from efficient_attn import compare
 from efficient_attn import train_lib
 
@@ -27,7 +28,7 @@ def parse_flags(argv):
   try:
     return flags.FLAGS(argv)
   except flags.Error as e:
-    sys.exit(f'Error: {train_lib.one_line_error(e)}')
+    sys.exit(f'Error: {cli.one_line_error(e)}')
 
 
 def main(argv):
@@ -61,5 +62,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  train_lib.quiet_library_logs()
+  cli.quiet_library_logs()
   app.run(main, flags_parser=parse_flags)

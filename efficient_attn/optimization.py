@@ -6,6 +6,7 @@ weight_decay, grad_clip_norm (0 = off).
 """
 from __future__ import annotations
 
+import math
 from typing import Any, Callable
 
 import jax
@@ -22,11 +23,16 @@ def _field(config: Any, name: str) -> Any:
     raise ValueError(f'optimizer config has no field {name!r}.') from None
 
 
+def _is_number(value: Any) -> bool:
+  """A finite int or float (not a bool): inf and nan would only show up as a NaN loss later."""
+  return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def check_optimizer_config(config: Any) -> None:
   """Raises ValueError naming the first invalid `config.optimizer` field."""
   lr = _field(config, 'learning_rate')
-  if not isinstance(lr, (int, float)) or isinstance(lr, bool) or not lr > 0:
-    raise ValueError(f'optimizer.learning_rate must be a number > 0, got {lr!r}.')
+  if not _is_number(lr) or not lr > 0:
+    raise ValueError(f'optimizer.learning_rate must be a finite number > 0, got {lr!r}.')
   schedule = _field(config, 'schedule')
   if schedule not in SCHEDULES:
     raise ValueError(f'optimizer.schedule must be one of {", ".join(SCHEDULES)}, got {schedule!r}.')
@@ -35,12 +41,12 @@ def check_optimizer_config(config: Any) -> None:
     raise ValueError(f'optimizer.warmup_steps must be an integer >= 0, got {warmup!r}.')
   for name in ('b1', 'b2'):
     value = _field(config, name)
-    if not isinstance(value, (int, float)) or not 0 <= value < 1:
+    if not _is_number(value) or not 0 <= value < 1:
       raise ValueError(f'optimizer.{name} must be in [0, 1), got {value!r}.')
   for name in ('eps', 'weight_decay', 'grad_clip_norm', 'end_learning_rate_factor'):
     value = _field(config, name)
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
-      raise ValueError(f'optimizer.{name} must be a number >= 0, got {value!r}.')
+    if not _is_number(value) or value < 0:
+      raise ValueError(f'optimizer.{name} must be a finite number >= 0, got {value!r}.')
 
 
 def learning_rate_schedule(config: Any, total_steps: int) -> Callable[[jax.Array], jax.Array]:

@@ -3,28 +3,45 @@
 The loop, step by step (s counts optimizer updates, 1..config.train.steps):
   1. batch s-1 of the deterministic training stream (`train_batches(..., start_step=...)`), placed on
      the mesh over the batch axes; one jitted, state-donating update.
-  2. every `log_every` steps: train loss/accuracy, learning rate, steps/s, tokens/s, peak memory;
-     a NaN/inf loss stops the run naming the first bad step.
+  2. every `log_every` steps: train loss/accuracy (over the steps since the last record), learning
+     rate, steps/s, tokens/s, peak device memory and peak host memory; a NaN/inf loss or parameter
+     stops the run naming the first bad step, before anything of that step is saved.
   3. every `eval_every` steps and at the end: validation; a better selection score (accuracy, or bits
      per byte for 'lm') saves the model to the 'best' checkpoint.
-  4. every `checkpoint_every` steps, at the end and on SIGTERM: the whole train state to 'latest'.
+  4. every `checkpoint_every` steps, at the end and on SIGTERM or SIGINT (Ctrl-C): the whole train
+     state to 'latest'.
 The work of step s is done before its checkpoint, so a run resumed from step s (same workdir) redoes
 nothing and skips nothing: it reads the same batches, draws the same random numbers (the NNX RNG state
 is checkpointed) and ends with the same parameters and metrics as an uninterrupted run. Finally the
 test split is evaluated with the BEST validation checkpoint (not the last one).
 
-Outputs in `workdir`: config.json, metrics.jsonl, tensorboard/, checkpoints/{latest,best}/ and
-results.json (the dict `train_and_evaluate` returns).
+Launching on a workdir:
+  - Everything is validated first (config, data options, the workdir: creatable and writable), then
+    the workdir is locked (`train.lock`, an flock the OS releases when the process dies, so a killed
+    run leaves nothing stuck): a second run on a workdir in use stops with WorkdirError.
+  - A finished run (results.json for the same train.steps) is not trained or tested again: its saved
+    results are returned. More steps extend it (its old test record is dropped; it is tested again).
+  - Resuming from a damaged newest checkpoint falls back to the newest one that restores (one log
+    line; see checkpointing.py); a missing or damaged best checkpoint is reported, and the resumed
+    state is validated in its place, so the test uses the best of it and every later validation.
+  - Resuming with a changed config logs one warning naming every changed field, old -> new.
+  - SIGTERM or SIGINT: the pending train metrics are written, a checkpoint is saved, and
+    TrainingInterrupted is raised (a second SIGINT exits at once, saving nothing more).
+
+Outputs in `workdir`: config.json, metrics.jsonl, tensorboard/ (with the config as hyper-parameters),
+checkpoints/{latest,best}/ and results.json (the dict `train_and_evaluate` returns).
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import functools
 import json
 import logging
 import os
-import re
 import signal
+import sys
 import threading
 import time
 from typing import Any, Callable, Iterator, Mapping
@@ -51,6 +68,11 @@ from efficient_attn import train_state as ts
 RNG_IMPLS = ('threefry2x32', 'rbg', 'unsafe_rbg')
 CONFIG_FILE = 'config.json'
 RESULTS_FILE = 'results.json'
+LOCK_FILE = 'train.lock'
+# The step counter (and optax's) is int32.
+MAX_STEPS = 2**31 - 1
+# Signals that stop a run cleanly (checkpoint first); a second SIGINT exits at once.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 REQUIRED_SECTIONS = ('task', 'seed', 'data', 'model', 'attention', 'optimizer', 'train', 'mesh')
 TRAIN_FIELDS = ('batch_size', 'steps', 'eval_batch_size', 'max_eval_batches', 'log_every',
                 'eval_every', 'checkpoint_every', 'keep_checkpoints', 'async_checkpointing',
@@ -58,24 +80,34 @@ TRAIN_FIELDS = ('batch_size', 'steps', 'eval_batch_size', 'max_eval_batches', 'l
 
 
 class ConfigError(ValueError):
-  """An invalid config: bad section, value, model or attention option. The message is one line."""
+  """An invalid config: bad section, value, data, model or attention option. One line."""
+
+
+class WorkdirError(ValueError):
+  """The workdir cannot be used: not creatable or writable, in use by another run, or holding
+  checkpoints none of which restores. The message is one line and names the directory."""
 
 
 class NonFiniteLossError(FloatingPointError):
-  """The training loss became NaN or infinite."""
+  """The training loss (or the parameters after an update) became NaN or infinite."""
 
-  def __init__(self, step: int, value: float):
-    super().__init__(f'Training loss is {value} at step {step}; stopping (the last good checkpoint '
-                     'is kept; lower the learning rate or enable gradient clipping).')
+  def __init__(self, step: int, value: float, *, params: bool = False):
+    what = (f'The parameters became non-finite in update {step} (its loss was {value})' if params
+            else f'Training loss is {value} at step {step}')
+    super().__init__(f'{what}; stopping (the last good checkpoint is kept; lower the learning rate '
+                     'or enable gradient clipping).')
     self.step = step
 
 
 class TrainingInterrupted(Exception):
-  """SIGTERM arrived; a checkpoint of `step` was saved. Launch again on the workdir to resume."""
+  """SIGTERM or SIGINT arrived; a checkpoint of `step` was saved. Launch again on the workdir to
+  resume. `signum` is the signal (a command line exits with 128 + signum)."""
 
-  def __init__(self, step: int):
-    super().__init__(f'Interrupted by SIGTERM; saved a checkpoint at step {step}.')
+  def __init__(self, step: int, signum: int = signal.SIGTERM):
+    self.signal_name = signal.Signals(signum).name
+    super().__init__(f'Interrupted by {self.signal_name}; saved a checkpoint at step {step}.')
     self.step = step
+    self.signum = int(signum)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,53 +131,6 @@ def default_components() -> Components:
                     count_params=models.count_params)
 
 
-def one_line_error(error: BaseException) -> str:
-  """A readable one-line account of `error` and its causes, for command-line tools.
-
-  Flag parsing wraps errors raised inside config files (with their traceback text) in its own
-  errors; this returns the outermost message that is a single line ("flag --config.train.steps=abc:
-  invalid literal ..."), else the last line of the innermost one (the config file's ValueError).
-  ConfigDict's unknown-field errors become "unknown config field 'stpes' (Did you mean ...)".
-  """
-  chain = []
-  while error is not None and len(chain) < 20:
-    chain.append(error)
-    error = error.__cause__ or error.__context__
-
-  def lines_of(e):
-    text = str(e.args[0]) if len(e.args) == 1 else str(e)
-    text = text.replace('\\n', '\n')
-    return [line.strip() for line in text.splitlines() if line.strip()]
-
-  for e in chain:
-    lines = lines_of(e)
-    if isinstance(e, (AttributeError, KeyError)) and len(lines) == 2 and 'mean' in lines[1]:
-      field = re.sub(r'[\\\'"]', '', lines[0])
-      return f'unknown config field {field!r} ({lines[1].rstrip(chr(39) + chr(34))})'
-  for e in chain:
-    lines = lines_of(e)
-    if len(lines) == 1:
-      return lines[0]
-  lines = lines_of(chain[-1])
-  return lines[-1] if lines else type(chain[-1]).__name__
-
-
-def quiet_library_logs() -> None:
-  """Keeps the absl log to what a user wants to see: this package's INFO lines, other libraries'
-  warnings (Orbax's only from ERROR up: it warns about routine things) and everyone's errors."""
-  package_dir = os.path.dirname(os.path.abspath(__file__))
-
-  def keep(record: logging.LogRecord) -> bool:
-    if record.pathname.startswith(package_dir):
-      return True
-    if 'orbax' in record.pathname:
-      return record.levelno >= logging.ERROR
-    return record.levelno >= logging.WARNING
-
-  from absl import logging as absl_logging  # pylint: disable=import-outside-toplevel
-  absl_logging.get_absl_handler().addFilter(keep)
-
-
 # -- config ----------------------------------------------------------------------------------------
 
 
@@ -156,8 +141,8 @@ def _positive_int(value: Any) -> bool:
 def check_config(config: ml_collections.ConfigDict) -> None:
   """Validates everything the loop reads. Raises ConfigError naming the field and what is valid.
 
-  The model and attention sections are checked here too, before any data is loaded or generated, so a
-  bad option fails at once (the model build re-checks them against the task).
+  The data, model and attention sections are checked here too, before any data is loaded or
+  generated, so a bad option fails at once (the loaders and the model build re-check them).
   """
   missing = [k for k in REQUIRED_SECTIONS if k not in config]
   if missing:
@@ -175,13 +160,19 @@ def check_config(config: ml_collections.ConfigDict) -> None:
               'checkpoint_every', 'keep_checkpoints'):
     if not _positive_int(train[key]):
       raise ConfigError(f'train.{key} must be a positive integer, got {train[key]!r}.')
+  if train.steps > MAX_STEPS:
+    raise ConfigError(f'train.steps must be at most {MAX_STEPS} (the step counter is int32), got '
+                      f'{train.steps}.')
   if not isinstance(train.max_eval_batches, int) or (train.max_eval_batches < 1
                                                      and train.max_eval_batches != -1):
     raise ConfigError('train.max_eval_batches must be a positive integer or -1 (all), got '
                       f'{train.max_eval_batches!r}.')
   try:
+    from efficient_attn import data  # pylint: disable=import-outside-toplevel  (heavy: datasets)
+    data.check_data_config(config.data)
     model_config = models.resolve_model_config(config.model)
-    models.resolve_layer_attentions(config.attention, model_config['num_layers'])
+    models.resolve_layer_attentions(config.attention, model_config['num_layers'],
+                                    model_config['num_heads'])
     optimization.check_optimizer_config(config.optimizer)
     sharding.config_rules(config)
     if not isinstance(config.get('sequence_parallel', True), bool):
@@ -207,19 +198,6 @@ def variant_name(config: ml_collections.ConfigDict) -> str:
   name = config.attention.get('name', 'full')
   overrides = config.attention.get('layer_overrides', '')
   return f'{name}+{overrides}' if overrides else name
-
-
-def format_results(results: Mapping[str, Any], workdir: str | None = None) -> str:
-  """One line: the test metric of the best validation checkpoint and which step that was."""
-  if results.get('kind') == 'lm':
-    test = f'test bits per byte {results["test/bits_per_byte"]:.4f}'
-    val = f'validation bits per byte {results["validation/bits_per_byte"]:.4f}'
-  else:
-    test = f'test accuracy {results["test/accuracy"]:.4f}'
-    val = f'validation accuracy {results["validation/accuracy"]:.4f}'
-  where = f' -- {workdir}' if workdir else ''
-  return (f'{results.get("task", "?")}/{results.get("variant", "?")}: {test} (best validation '
-          f'checkpoint: step {results["best_step"]} of {results.get("steps", "?")}, {val}){where}')
 
 
 def load_config(workdir: str) -> ml_collections.ConfigDict:
@@ -257,7 +235,9 @@ def build_model(config: ml_collections.ConfigDict, task: Any, components: Compon
 
 def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
                     lr_schedule: Callable[[jax.Array], jax.Array], kind: str):
-  """(state, batch) -> (state, metrics): one AdamW update; metrics hold device scalars."""
+  """(state, batch) -> (state, metrics): one AdamW update; metrics hold device scalars (loss,
+  grad_norm, learning_rate, params_finite: whether every updated parameter is finite, and the
+  objective's sums)."""
 
   def loss_fn(params, rngs, other, batch):
     model = ts.merge_model(graphdef, {'params': params, 'rngs': rngs, 'other': other})
@@ -274,8 +254,12 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
     params = optax.apply_updates(state['params'], updates)
     new_state = {'step': state['step'] + 1, 'params': params, 'rngs': rngs, 'other': other,
                  'opt_state': opt_state}
+    # Checked on the host before anything is saved: a finite loss can still come with an update
+    # that overflowed the parameters, and the next checkpoint must not hold them.
+    finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(p)) for p in jax.tree.leaves(params)]))
     return new_state, {'loss': loss, 'grad_norm': optax.tree.norm(grads),
-                       'learning_rate': lr_schedule(state['step']), **sums}
+                       'learning_rate': lr_schedule(state['step']), 'params_finite': finite,
+                       **sums}
 
   return step
 
@@ -313,33 +297,128 @@ def evaluate(eval_step: Callable, model_state: Any, batches: Iterator[dict[str, 
 # -- the loop --------------------------------------------------------------------------------------
 
 
-class _SigtermFlag:
-  """Turns SIGTERM into a flag the loop polls (only the main thread may install handlers)."""
+class _StopSignals:
+  """Turns SIGTERM and SIGINT into a request the loop polls (only the main thread may install
+  handlers): the loop then saves a checkpoint and stops. A second SIGINT (Ctrl-C pressed again)
+  exits at once with status 130, saving nothing more; the checkpoints on disk stay intact (Orbax
+  renames a checkpoint into place only once it is complete)."""
 
   def __init__(self):
-    self.requested = False
-    self._previous = None
+    self.signum: int | None = None
+    self._previous: dict[int, Any] = {}
 
   def __enter__(self):
     if threading.current_thread() is threading.main_thread():
-      self._previous = signal.signal(signal.SIGTERM, self._handle)
+      for signum in STOP_SIGNALS:
+        self._previous[signum] = signal.signal(signum, self._handle)
     return self
 
   def _handle(self, signum, frame):  # pylint: disable=unused-argument
-    self.requested = True
+    if self.signum is not None:
+      if signum == signal.SIGINT:
+        os.write(2, b'Interrupted again: exiting now, without saving a checkpoint.\n')
+        os._exit(128 + signal.SIGINT)  # pylint: disable=protected-access  (no unwinding: at once)
+      return
+    self.signum = signum
+    # os.write: safe inside a signal handler, and says why the run goes on for a moment.
+    os.write(2, f'{signal.Signals(signum).name}: stopping after the current step, with a '
+                f'checkpoint (Ctrl-C again exits at once, without it).\n'.encode())
 
   def __exit__(self, *exc):
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
+    for signum, previous in self._previous.items():
+      signal.signal(signum, previous)
     return False
 
-  def poll(self) -> bool:
-    """Whether any process got SIGTERM (all processes must stop at the same step to save)."""
+  def poll(self) -> int | None:
+    """The stop signal, if any process got one (all processes must stop at the same step to save)."""
     if jax.process_count() == 1:
-      return self.requested
+      return self.signum
     from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
-    flags = multihost_utils.process_allgather(np.array(self.requested))
-    return bool(np.any(flags))
+    got = [int(s) for s in np.ravel(multihost_utils.process_allgather(np.array(self.signum or 0)))
+           if s]
+    return got[0] if got else None
+
+
+@contextlib.contextmanager
+def _locked_workdir(workdir: str, *, enabled: bool) -> Iterator[None]:
+  """Creates `workdir` and holds an exclusive flock on workdir/train.lock for the block.
+
+  The OS releases an flock when its process ends, however it ends, so a killed run leaves no stale
+  lock. WorkdirError if the directory cannot be created or written, or another run holds the lock.
+  A workdir this call created is removed again if the block leaves nothing in it but the lock file.
+  """
+  if not enabled:  # processes other than 0: the chief locks the (shared) workdir
+    yield
+    return
+  absolute = os.path.abspath(workdir)
+  created = not os.path.isdir(absolute)
+  try:
+    os.makedirs(absolute, exist_ok=True)
+    lock = open(os.path.join(absolute, LOCK_FILE), 'a+')  # pylint: disable=consider-using-with
+  except OSError as e:
+    raise WorkdirError(f'cannot use --workdir={workdir} ({absolute}): {e.strerror or e}; give a '
+                       'writable directory.') from e
+  try:
+    try:
+      fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      lock.seek(0)
+      holder = lock.read().strip() or '?'
+      raise WorkdirError(f'workdir {absolute} is in use by another run (process {holder} holds '
+                         f'{LOCK_FILE}); wait for it to end, or give another --workdir.') from None
+    except OSError as e:  # a filesystem without flock: train unprotected rather than not at all
+      logging.warning('Cannot lock %s (%s); nothing stops a second run on it.', absolute, e)
+    lock.truncate(0)
+    lock.write(f'{os.getpid()}\n')
+    lock.flush()
+    logging.info('Run directory: %s', absolute)
+    yield
+  finally:
+    lock.close()  # releases the flock
+    if created and os.listdir(absolute) == [LOCK_FILE]:
+      os.remove(os.path.join(absolute, LOCK_FILE))
+      os.rmdir(absolute)
+
+
+class _AboveBarStream:
+  """A text stream whose writes go above an active tqdm bar (tqdm.write clears and redraws it)."""
+
+  def __init__(self, stream):
+    self._stream = stream
+
+  def write(self, text: str) -> int:
+    tqdm.tqdm.write(text, file=self._stream, end='')
+    return len(text)
+
+  def __getattr__(self, name):
+    return getattr(self._stream, name)
+
+
+@contextlib.contextmanager
+def _logs_above_bar(bar: tqdm.tqdm) -> Iterator[None]:
+  """While the bar is shown, log lines (and anything else written to stderr) go above it instead of
+  into it: sys.stderr (which absl's handler looks up for every record) and every logging handler
+  writing to the bar's stream write through `_AboveBarStream`."""
+  if bar.disable:
+    yield
+    return
+  original = sys.stderr
+  proxy = _AboveBarStream(original)
+  handlers = [h for logger in (logging.getLogger(), logging.getLogger('absl'))
+              for h in logger.handlers]
+  handlers += [h.python_handler for h in handlers if hasattr(h, 'python_handler')]  # absl's
+  swapped = [h for h in handlers if isinstance(h, logging.StreamHandler) and h.stream is original]
+  sys.stderr = proxy
+  for h in swapped:
+    h.stream = proxy
+  try:
+    yield
+  finally:
+    for h in swapped:
+      if h.stream is proxy:
+        h.stream = original
+    if sys.stderr is proxy:
+      sys.stderr = original
 
 
 def _write_json(path: str, obj: Any) -> None:
@@ -349,17 +428,63 @@ def _write_json(path: str, obj: Any) -> None:
   os.replace(tmp, path)
 
 
-def _save_config(config: ml_collections.ConfigDict, workdir: str, *, resuming: bool) -> None:
+def config_changes(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
+  """'field: old -> new' (values as JSON, '(absent)' for a missing field) for every field, by dotted
+  path, that differs between two configs given as dicts (config.json's form)."""
+  a, b = metrics_lib.flatten(old), metrics_lib.flatten(new)
+  missing = object()
+
+  def show(value):
+    return '(absent)' if value is missing else json.dumps(value)
+
+  return [f'{k}: {show(a.get(k, missing))} -> {show(b.get(k, missing))}'
+          for k in sorted(set(a) | set(b)) if a.get(k, missing) != b.get(k, missing)]
+
+
+def _saved_config_changes(config: ml_collections.ConfigDict, workdir: str) -> list[str]:
   path = os.path.join(workdir, CONFIG_FILE)
-  new = json.loads(config.to_json_best_effort())
-  if resuming and os.path.exists(path):
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    old = json.load(f)
+  return config_changes(old, json.loads(config.to_json_best_effort()))
+
+
+def _save_config(config: ml_collections.ConfigDict, workdir: str, *, resuming: bool,
+                 step: int) -> None:
+  if resuming:
+    changes = _saved_config_changes(config, workdir)
+    if changes:
+      # Legitimate (e.g. more steps), but the data order and the learning-rate schedule may no
+      # longer match the checkpoint's, so say exactly what changed; config.json then describes the
+      # resumed run.
+      schedule = any(c.startswith(('optimizer.', 'train.steps:')) for c in changes)
+      logging.warning('Resuming %s at step %d with a config that differs from its config.json in '
+                      '%d field(s): %s.%s', workdir, step, len(changes), '; '.join(changes),
+                      ' The learning-rate schedule follows the new values from this step on.'
+                      if schedule else '')
+  _write_json(os.path.join(workdir, CONFIG_FILE), json.loads(config.to_json_best_effort()))
+
+
+def _finished_results(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any] | None:
+  """The saved results of a run that has finished `config.train.steps` in `workdir`, else None."""
+  path = os.path.join(workdir, RESULTS_FILE)
+  if not os.path.exists(path):
+    return None
+  try:
     with open(path) as f:
-      old = json.load(f)
-    if old != new:
-      # Legitimate (e.g. more steps), but the data order and schedule may no longer match the
-      # checkpoint's, so say so; config.json then describes the resumed run.
-      logging.warning('Resuming %s with a config that differs from its config.json.', workdir)
-  _write_json(path, new)
+      results = json.load(f)
+  except (OSError, ValueError):
+    return None  # unreadable: train (resume) and test again, which rewrites it
+  if not isinstance(results, dict) or results.get('steps') != config.train.steps:
+    return None
+  changes = _saved_config_changes(config, workdir)
+  logging.warning('%s has already finished its %d steps: reporting the results it saved, without '
+                  'training or testing again%s (delete %s to test again, or raise train.steps to '
+                  'train on).', workdir, config.train.steps,
+                  f' (the config differs in {"; ".join(changes)}: not applied)' if changes else '',
+                  RESULTS_FILE)
+  return results
 
 
 def _prefixed(prefix: str, values: Mapping[str, float]) -> dict[str, float]:
@@ -367,15 +492,19 @@ def _prefixed(prefix: str, values: Mapping[str, float]) -> dict[str, float]:
 
 
 class _TrainLog:
-  """Per-step device metrics waiting to be read; reading them checks the loss for NaN/inf.
+  """Per-step device metrics waiting to be read; reading them checks the loss and the parameters
+  for NaN/inf.
 
-  Reading waits for the device, so the time between two timed flushes is the time of the steps in
-  between; `restart_clock` leaves out what is not training (compilation, evaluation, saving).
+  `check` reads what is pending (before every evaluation and save) and keeps it, so `flush`, at a
+  logging step, summarises every step since the previous summary. Reading waits for the device, so
+  the time between two timed flushes is the time of the steps in between; `restart_clock` leaves out
+  what is not training (compilation, evaluation, saving).
   """
 
   def __init__(self, tokens_per_step: int):
     self.tokens_per_step = tokens_per_step
     self.pending: list[tuple[int, dict[str, jax.Array]]] = []
+    self.checked: list[dict[str, Any]] = []
     self.restart_clock()
 
   def add(self, step: int, metrics: dict[str, jax.Array]) -> None:
@@ -386,16 +515,27 @@ class _TrainLog:
     self.clock_start = time.perf_counter()
     self.clock_steps = 0
 
-  def flush(self, *, timed: bool) -> dict[str, float] | None:
-    """Reads pending metrics (NonFiniteLossError on a bad loss); their summary, or None if none."""
+  def check(self) -> None:
+    """Reads the pending metrics; NonFiniteLossError at the first step with a NaN/inf loss or
+    non-finite updated parameters."""
     if not self.pending:
-      return None
+      return
     steps = [s for s, _ in self.pending]
     host = jax.device_get([m for _, m in self.pending])
     self.pending = []
     for step, m in zip(steps, host):
       if not np.isfinite(m['loss']):
         raise NonFiniteLossError(step, float(m['loss']))
+      if not m['params_finite']:
+        raise NonFiniteLossError(step, float(m['loss']), params=True)
+    self.checked.extend(host)
+
+  def flush(self, *, timed: bool) -> dict[str, float] | None:
+    """Checks and summarises the steps since the last flush; None if there are none."""
+    self.check()
+    if not self.checked:
+      return None
+    host, self.checked = self.checked, []
     count = sum(float(m['count']) for m in host)
     out = {'loss': sum(float(m['loss_sum']) for m in host) / max(count, 1.0),
            'accuracy': sum(float(m['correct']) for m in host) / max(count, 1.0),
@@ -415,29 +555,37 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   Returns:
     The final metrics (also in workdir/results.json): 'test/<metric>' of the best validation
     checkpoint, 'best_step', 'validation/<metric>' at that step, 'steps', 'num_params', mean
-    'steps_per_sec' and 'tokens_per_sec', 'peak_memory_bytes' (None where the device does not say),
-    'task', 'variant', 'selection_metric'.
+    'steps_per_sec' and 'tokens_per_sec', 'peak_memory_bytes' (device memory; None where the device
+    does not report it, e.g. on CPU), 'host_memory_bytes' (the process's peak resident memory),
+    'task', 'variant', 'selection_metric'. For a run that had already finished: its saved results.
 
   Raises:
     ConfigError: an invalid config (before any work).
-    NonFiniteLossError: the training loss became NaN/inf.
-    TrainingInterrupted: SIGTERM arrived; a checkpoint was saved first.
+    WorkdirError: the workdir is unusable, in use by another run, or none of its checkpoints
+      restores (before any training).
+    NonFiniteLossError: the training loss or the parameters became NaN/inf (nothing of that step is
+      saved).
+    TrainingInterrupted: SIGTERM or SIGINT arrived; a checkpoint was saved first.
   """
   # Multi-process runs (JAX_NUM_PROCESSES > 1, or a TPU pod slice) join before JAX lists devices.
   sharding.initialize_distributed()
   check_config(config)
   components = components or default_components()
   is_chief = jax.process_index() == 0
-  mesh = sharding.make_mesh(config.mesh.to_dict(), config.get('mesh_axis_types', 'auto'))
-  rules = sharding.config_rules(config)
-  with (jax.set_mesh(mesh), sharding.use_rules(rules,
-                                               sequence_parallel=config.get('sequence_parallel', True)),
-        _SigtermFlag() as sigterm):
-    return _run(config, workdir, components, mesh, is_chief, sigterm)
+  with _locked_workdir(workdir, enabled=is_chief):
+    finished = _finished_results(config, workdir)
+    if finished is not None:
+      return finished
+    mesh = sharding.make_mesh(config.mesh.to_dict(), config.get('mesh_axis_types', 'auto'))
+    rules = sharding.config_rules(config)
+    sequence_parallel = config.get('sequence_parallel', True)
+    with (jax.set_mesh(mesh), sharding.use_rules(rules, sequence_parallel=sequence_parallel),
+          _StopSignals() as signals):
+      return _run(config, workdir, components, mesh, is_chief, signals)
 
 
-def _run(config, workdir, components, mesh, is_chief, sigterm) -> dict[str, Any]:
-  """The body of `train_and_evaluate`, under the mesh and the SIGTERM handler."""
+def _run(config, workdir, components, mesh, is_chief, signals) -> dict[str, Any]:
+  """The body of `train_and_evaluate`, under the mesh, the workdir lock and the signal handlers."""
   tc = config.train
   total = tc.steps
   task = components.load_task(config.data)
@@ -445,7 +593,6 @@ def _run(config, workdir, components, mesh, is_chief, sigterm) -> dict[str, Any]
   metric, mode = objectives.selection_metric(kind)
 
   model = build_model(config, task, components)
-  os.makedirs(workdir, exist_ok=True)  # only now: a config error leaves no empty workdir behind
   num_params = int(components.count_params(model))
   graphdef, model_state = ts.split_model(model)
   del model
@@ -462,17 +609,26 @@ def _run(config, workdir, components, mesh, is_chief, sigterm) -> dict[str, Any]
                                     async_save=tc.async_checkpointing)
   start = 0
   latest = ckpt.latest_step()
+  history = metrics_lib.read_metrics(workdir) if latest is not None else []
   if latest is not None:
     if latest > total:
       ckpt.close()
       raise ConfigError(f'{workdir} holds a checkpoint of step {latest}, beyond train.steps={total}; '
                         'raise train.steps or use another workdir.')
-    state = ckpt.restore_latest(ts.abstract(state))
+    try:
+      state = ckpt.restore_latest(ts.abstract(state))
+    except checkpointing.NoRestorableCheckpointError as e:
+      ckpt.close()
+      raise WorkdirError(str(e)) from e
     start = int(jax.device_get(state['step']))
     logging.info('Resumed from step %d in %s.', start, workdir)
+    if is_chief and os.path.exists(os.path.join(workdir, RESULTS_FILE)):
+      os.remove(os.path.join(workdir, RESULTS_FILE))  # an extended run: tested again at its end
   if is_chief:
-    _save_config(config, workdir, resuming=latest is not None)
+    _save_config(config, workdir, resuming=latest is not None, step=start)
   writer = metrics_lib.MetricWriter(workdir, enabled=is_chief, resume_step=start)
+  writer.write_config(json.loads(config.to_json_best_effort()),
+                      [f'validation/{metric}', f'test/{metric}'], step=start)
 
   train_step = jax.jit(make_train_step(graphdef, tx, lr_schedule, kind), donate_argnums=(0,),
                        out_shardings=(state_shardings, sharding.replicated(mesh)))
@@ -484,12 +640,26 @@ def _run(config, workdir, components, mesh, is_chief, sigterm) -> dict[str, Any]
                                       process_count=pcount)
     return evaluate(eval_step, model_state, batches, mesh, kind, tc.max_eval_batches)
 
+  if start > 0:
+    _check_best(ckpt, ts.model_part(state), start, history, metric, validate, workdir)
+
   batches = components.train_batches(task.train, tc.batch_size, seed=config.seed, start_step=start,
                                      process_index=pindex, process_count=pcount)
   log = None
   bar = tqdm.tqdm(total=total, initial=start, disable=not (is_chief and tc.progress_bar),
                   desc=f'{config.task}/{variant_name(config)}', unit='step', dynamic_ncols=True)
-  try:
+
+  def write_train(step, summary):
+    summary['peak_memory_bytes'] = metrics_lib.peak_memory_bytes()
+    summary['host_memory_bytes'] = metrics_lib.peak_host_memory_bytes()
+    writer.write(step, _prefixed('train', summary))
+    bar.set_postfix(loss=f'{summary["loss"]:.4f}', acc=f'{summary["accuracy"]:.3f}')
+
+  with contextlib.ExitStack() as cleanup:  # on the way out: streams, bar, writer, checkpoints
+    cleanup.callback(ckpt.close)
+    cleanup.callback(writer.close)
+    cleanup.callback(bar.close)
+    cleanup.enter_context(_logs_above_bar(bar))  # log lines go above the bar while it is shown
     step = start
     while step < total:
       batch = next(batches)
@@ -508,11 +678,9 @@ def _run(config, workdir, components, mesh, is_chief, sigterm) -> dict[str, Any]
       if step % tc.log_every == 0 or last:
         summary = log.flush(timed=True)
         if summary is not None:
-          summary['peak_memory_bytes'] = metrics_lib.peak_memory_bytes()
-          writer.write(step, _prefixed('train', summary))
-          bar.set_postfix(loss=f'{summary["loss"]:.4f}', acc=f'{summary["accuracy"]:.3f}')
+          write_train(step, summary)
       if step % tc.eval_every == 0 or last:
-        log.flush(timed=False)  # never evaluate or save NaN parameters
+        log.check()  # never evaluate or save NaN parameters
         val = validate(ts.model_part(state))
         writer.write(step, _prefixed('validation', val))
         logging.info('step %d validation %s', step, val)
@@ -521,16 +689,21 @@ def _run(config, workdir, components, mesh, is_chief, sigterm) -> dict[str, Any]
                          metrics=val)
         log.restart_clock()
       if step % tc.checkpoint_every == 0 or last:
-        log.flush(timed=False)
+        log.check()
         ckpt.save_latest(step, state)
         log.restart_clock()
-      # A multi-process run must agree on the stopping step, which costs a collective: ask only at
-      # logging steps there.
-      if not last and (pcount == 1 or step % tc.log_every == 0) and sigterm.poll():
-        log.flush(timed=False)
-        ckpt.save_latest(step, state)
-        ckpt.wait()
-        raise TrainingInterrupted(step)
+      # A multi-process run must agree on the stopping step, which costs a collective: ask only
+      # at logging steps there.
+      if not last and (pcount == 1 or step % tc.log_every == 0):
+        signum = signals.poll()
+        if signum is not None:
+          # The steps since the last record would be lost on resume (it restarts after them).
+          summary = log.flush(timed=True)
+          if summary is not None:
+            write_train(step, summary)
+          ckpt.save_latest(step, state)
+          ckpt.wait()
+          raise TrainingInterrupted(step, signum)
     ckpt.wait()
 
     # Test with the best validation checkpoint.
@@ -545,6 +718,7 @@ def _run(config, workdir, components, mesh, is_chief, sigterm) -> dict[str, Any]
     _, sps = metrics_lib.series(history, 'train/steps_per_sec')
     _, tps = metrics_lib.series(history, 'train/tokens_per_sec')
     _, mem = metrics_lib.series(history, 'train/peak_memory_bytes')
+    _, host_mem = metrics_lib.series(history, 'train/host_memory_bytes')
     results = {
         'task': config.task, 'kind': kind, 'variant': variant_name(config), 'steps': total,
         'best_step': int(record['step']), 'selection_metric': metric,
@@ -554,14 +728,36 @@ def _run(config, workdir, components, mesh, is_chief, sigterm) -> dict[str, Any]
         'steps_per_sec': float(np.median(sps)) if sps else None,
         'tokens_per_sec': float(np.median(tps)) if tps else None,
         'peak_memory_bytes': int(max(mem)) if mem else None,
+        'host_memory_bytes': int(max(host_mem)) if host_mem else None,
     }
     if is_chief:
       _write_json(os.path.join(workdir, RESULTS_FILE), results)
     return results
-  finally:
-    bar.close()
-    writer.close()
-    ckpt.close()
+
+
+def _check_best(ckpt: checkpointing.Checkpointer, model_state: Any, step: int,
+                history: list[dict[str, Any]], metric: str, validate: Callable,
+                workdir: str) -> None:
+  """On resume: if the best checkpoint is missing or does not restore although validations ran
+  before `step` (metrics.jsonl), says so in one log line and validates the resumed model state in its
+  place, so the test uses the best of it and of the validations to come."""
+  ckpt.verify_best(ts.abstract(model_state))
+  earlier = [r for r in history if f'validation/{metric}' in r and int(r['step']) <= step]
+  # No validation has run yet: there is no best checkpoint to miss.
+  replace = ckpt.best_record() is None and (bool(earlier) or ckpt.best_problem is not None)
+  if jax.process_count() > 1:  # validating is collective: process 0 (which reads metrics) decides
+    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+    replace = bool(multihost_utils.broadcast_one_to_all(np.array(replace)))
+  if not replace:
+    return
+  problem = ckpt.best_problem or (
+      f'the best checkpoint of {workdir} is missing (metrics.jsonl holds validations up to step '
+      f'{earlier[-1]["step"] if earlier else "?"})')
+  val = validate(model_state)
+  ckpt.save_best(step, model_state, metric=metric, score=val[metric], metrics=val)
+  logging.warning('%s; validated the resumed step %d in its place (validation %s %.4f): the test '
+                  'split uses the best of it and of the validations to come.', problem, step,
+                  metric, val[metric])
 
 
 def evaluate_workdir(workdir: str, split: str = 'test', *, components: Components | None = None,

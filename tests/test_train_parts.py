@@ -1,8 +1,10 @@
 """The pieces of the training loop: schedules and optimizer, checkpoints, metric files, mesh, errors."""
 from __future__ import annotations
 
+import datetime
 import json
 import math
+import os
 
 import jax
 import jax.numpy as jnp
@@ -13,6 +15,7 @@ import pytest
 
 from configs import common
 from efficient_attn import checkpointing
+from efficient_attn import cli
 from efficient_attn import metrics as metrics_lib
 from efficient_attn import objectives
 from efficient_attn import optimization
@@ -56,10 +59,14 @@ def test_cosine_and_constant_schedules():
 
 @pytest.mark.parametrize('field, value, message', [
     ('schedule', 'linear', 'optimizer.schedule must be one of'),
-    ('learning_rate', 0.0, 'learning_rate must be a number > 0'),
+    ('learning_rate', 0.0, 'learning_rate must be a finite number > 0'),
+    ('learning_rate', math.inf, 'learning_rate must be a finite number > 0, got inf'),
     ('warmup_steps', -1, 'warmup_steps must be an integer >= 0'),
     ('b2', 1.0, r'b2 must be in \[0, 1\)'),
-    ('grad_clip_norm', -1.0, 'grad_clip_norm must be a number >= 0'),
+    ('b1', math.nan, r'b1 must be in \[0, 1\)'),
+    ('grad_clip_norm', -1.0, 'grad_clip_norm must be a finite number >= 0'),
+    ('eps', math.nan, 'eps must be a finite number >= 0, got nan'),
+    ('weight_decay', math.inf, 'weight_decay must be a finite number >= 0, got inf'),
 ])
 def test_bad_optimizer_options(field, value, message):
   with pytest.raises(ValueError, match=message):
@@ -177,9 +184,24 @@ def test_metric_writer_drops_records_after_the_resume_step(tmp_path):
   assert not (tmp_path / 'other').exists()
 
 
-def test_peak_memory_is_none_or_bytes():
+def test_peak_memory_device_and_host():
+  """The device figure is what the backend reports: nothing on CPU (its devices keep no memory
+  statistics), bytes elsewhere. The host figure (peak resident memory) is always there and grows when
+  the process holds more memory."""
   peak = metrics_lib.peak_memory_bytes()
-  assert peak is None or (isinstance(peak, int) and peak > 0)
+  if jax.default_backend() == 'cpu':
+    assert peak is None
+  else:
+    assert isinstance(peak, int) and peak > 0
+  with open('/proc/self/status') as f:  # the current resident size, which the peak bounds
+    rss = next(int(line.split()[1]) * 1024 for line in f if line.startswith('VmRSS:'))
+  before = metrics_lib.peak_host_memory_bytes()
+  # ru_maxrss trails the kernel's counters by up to a few hundred KiB.
+  assert isinstance(before, int) and before >= 0.95 * rss > 0, (before, rss)
+  # Beyond the peak so far by 64 MiB; np.ones touches every page, so all of it is resident.
+  block = np.ones((max(before - rss, 0) + (64 << 20)) // 8)
+  after = metrics_lib.peak_host_memory_bytes()
+  assert after >= rss + 0.9 * block.nbytes, (rss, block.nbytes, after)
 
 
 # -- mesh and config errors ------------------------------------------------------------------------
@@ -234,19 +256,50 @@ def test_one_line_error_finds_the_readable_cause():
     except ValueError as inner:
       raise RuntimeError('Traceback (most recent call last):\n  File "x"\nValueError: ...') from inner
   except RuntimeError as outer:
-    assert train_lib.one_line_error(outer) == 'Unknown attention variant x; valid: full.'
-  error = AttributeError('\'stpes\'\nDid you mean "steps" instead of "stpes"?')
-  assert train_lib.one_line_error(error) == (
-      "unknown config field 'stpes' (Did you mean \"steps\" instead of \"stpes\"?)")
-  assert train_lib.one_line_error(ValueError('bad value')) == 'bad value'
+    assert cli.one_line_error(outer) == 'Unknown attention variant x; valid: full.'
+  assert cli.one_line_error(ValueError('bad value')) == 'bad value'
+
+
+def test_override_paths_are_checked_on_the_config():
+  """Misspelt --config.* paths are found on the config itself (no parsing of the flag library's
+  messages), with the closest field names."""
+  from configs import listops  # pylint: disable=import-outside-toplevel
+  config = listops.get_config('tiny')
+  argv = ['--config=x.py', '--config.train.steps=3', '--noconfig.train.progress_bar',
+          '--workdir=w', '--config.attention.options.window', '8']
+  assert cli.override_paths(argv) == ['train.steps', 'train.progress_bar',
+                                      'attention.options.window']
+  for path in cli.override_paths(argv):
+    cli.check_override_path(config, path)
+  with pytest.raises(ValueError, match=r"unknown config field 'stpes' in config.train \(did you "
+                                       r"mean 'steps'\?\)"):
+    cli.check_override_path(config, 'train.stpes')
+  with pytest.raises(ValueError, match=r"unknown config field 'trian' in the config"):
+    cli.check_override_path(config, 'trian.steps')
+  with pytest.raises(ValueError, match=r"train.steps is a value \(int\), not a section"):
+    cli.check_override_path(config, 'train.steps.x')
+  assert cli.flag_value(argv, 'config') == 'x.py'
+  assert cli.flag_value(['--config', 'y.py:tiny'], 'config') == 'y.py:tiny'
+  assert cli.flag_value([], 'config', 'default.py') == 'default.py'
+
+
+def test_default_workdir_follows_the_environment(monkeypatch):
+  from configs import listops  # pylint: disable=import-outside-toplevel
+  config = listops.get_config('tiny')
+  now = datetime.datetime(2025, 1, 2, 3, 4, 5)
+  monkeypatch.delenv(cli.RUNS_ENV, raising=False)
+  assert cli.default_workdir(config, 'local+0:full', now) == os.path.join(
+      'runs', 'listops-local+0-full-20250102-030405')
+  monkeypatch.setenv(cli.RUNS_ENV, '/scratch/runs')
+  assert cli.default_workdir(config, 'local', now) == '/scratch/runs/listops-local-20250102-030405'
 
 
 def test_format_results_names_the_best_step():
-  line = train_lib.format_results({'task': 'listops', 'variant': 'local', 'kind': 'classify',
-                                   'test/accuracy': 0.375, 'validation/accuracy': 0.4,
-                                   'best_step': 1250, 'steps': 1500}, 'runs/x')
+  line = cli.format_results({'task': 'listops', 'variant': 'local', 'kind': 'classify',
+                             'test/accuracy': 0.375, 'validation/accuracy': 0.4,
+                             'best_step': 1250, 'steps': 1500}, 'runs/x')
   assert 'test accuracy 0.3750' in line and 'step 1250 of 1500' in line and 'runs/x' in line
-  line = train_lib.format_results({'kind': 'lm', 'test/bits_per_byte': 2.5,
-                                   'validation/bits_per_byte': 2.4, 'best_step': 3})
+  line = cli.format_results({'kind': 'lm', 'test/bits_per_byte': 2.5,
+                             'validation/bits_per_byte': 2.4, 'best_step': 3})
   assert 'test bits per byte 2.5000' in line
   json.dumps(line)

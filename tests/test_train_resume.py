@@ -22,7 +22,8 @@ from efficient_attn import metrics as metrics_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Measurements that depend on the machine's speed, not on the computation.
-TIMING_KEYS = ('steps_per_sec', 'tokens_per_sec', 'peak_memory_bytes')
+TIMING_KEYS = ('steps_per_sec', 'tokens_per_sec', 'peak_memory_bytes',
+               'host_memory_bytes')
 
 
 def _argv(cache_dir: str, workdir: str, *overrides: str) -> list[str]:

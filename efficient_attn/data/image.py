@@ -14,14 +14,17 @@ from ml_collections import config_dict
 from efficient_attn.data import sources, tokenizers
 from efficient_attn.data.base import TaskData
 from efficient_attn.data.registry import register_task
-from efficient_attn.data.splits import TokenSplit, check_labels, choose_indices
+from efficient_attn.data.splits import TokenSplit, check_count, check_labels, choose_indices
 
 NUM_CLASSES = 10
 _DECODE_BATCH = 1_000
 
 
-def image_data_config(quick: bool = False) -> ml_collections.ConfigDict:
-  """Data options of Image; defaults follow LRA (grayscale CIFAR-10, 45K / 5K / 10K)."""
+def image_data_config(quick: bool = False, tiny: bool = False) -> ml_collections.ConfigDict:
+  """Data options of Image; defaults follow LRA (grayscale CIFAR-10, 45K / 5K / 10K).
+
+  quick: at most 2000 images per split; tiny: 200 (validation 50), for tests and smoke runs.
+  """
   c = ml_collections.ConfigDict()
   c.task = 'image'
   c.hf_name = 'cifar10'  # Hugging Face dataset with an image column ('img' or 'image') and 'label'
@@ -35,6 +38,9 @@ def image_data_config(quick: bool = False) -> ml_collections.ConfigDict:
   if quick:
     c.num_validation = 500
     c.max_examples = 2_000
+  if tiny:
+    c.num_validation = 50
+    c.max_examples = 200
   return c
 
 
@@ -83,16 +89,26 @@ def _encode(dataset, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
   return pixels, labels
 
 
-@register_task('image')
+def check_data_config(c) -> None:
+  """Raises ValueError naming the first invalid Image option (`c` holds every option); reads
+  nothing."""
+  check_count(c.num_validation, name='num_validation', minimum=1, task='image')
+  check_count(c.seed, name='seed', minimum=0, task='image')
+  if c.max_examples is not None:
+    check_count(c.max_examples, name='max_examples', minimum=1, task='image')
+
+
+@register_task('image', config=image_data_config)
 def load_image(c) -> TaskData:
   """Image TaskData: inputs [N, H * W] pixel ids (1024 for CIFAR-10), 10 classes."""
+  check_data_config(c)
   with sources.quiet_datasets():
     raw = sources.load_splits(task='image', hf_name=c.hf_name, path=c.path, cache_dir=c.cache_dir,
                               splits=('train', 'test'),
                               extra_hint=' with an image column and label')
     train_idx, val_idx, test_idx = choose_indices(
         len(raw['train']), len(raw['test']), num_validation=c.num_validation, seed=c.seed,
-        max_examples=c.max_examples)
+        max_examples=c.max_examples, task='image')
     built = []
     for source, idx in (('train', train_idx), ('train', val_idx), ('test', test_idx)):
       pixels, labels = _encode(raw[source], idx)

@@ -12,7 +12,8 @@ Tokens (see tokenizers.py) keep both brackets: '[MAX 2 9 ]' is the five tokens '
 shorter in nodes (by one token per operator); the bounds apply to the length the model sees.
 
 Examples are unique across all three splits (train, then validation, then test are drawn, each with its
-own seed derived from `seed`, skipping sequences already drawn), as in the reference's set of trees.
+own seed `splits.split_seed(seed, split)`, skipping sequences already drawn), as in the reference's set
+of trees.
 Generated splits are cached as Arrow (`datasets.save_to_disk`) under `<cache_dir>/listops/<key>`, the
 key a hash of every option that changes the data, so later runs load instead of regenerating.
 """
@@ -31,13 +32,12 @@ import ml_collections
 import numpy as np
 
 from efficient_attn.data import sources, tokenizers
-from efficient_attn.data.base import TaskData
+from efficient_attn.data.base import SPLITS, TaskData
 from efficient_attn.data.registry import register_task
-from efficient_attn.data.splits import TokenSplit
+from efficient_attn.data.splits import TokenSplit, check_count, split_seed
 
 # Bump when the generator's output for the same options changes: it is part of the cache key.
 GENERATOR_VERSION = 1
-SPLITS = ('train', 'validation', 'test')
 NUM_CLASSES = 10
 
 _OP_MIN, _OP_MAX, _OP_MED, _OP_SM = tokenizers.LISTOPS_OPERATOR_IDS
@@ -46,8 +46,11 @@ _CLOSE = tokenizers.LISTOPS_CLOSE_ID
 _DIGIT = tokenizers.LISTOPS_DIGIT_OFFSET
 
 
-def listops_data_config(quick: bool = False) -> ml_collections.ConfigDict:
-  """Data options of ListOps; defaults are the LRA release (96K / 2K / 2K, lengths 500-2000)."""
+def listops_data_config(quick: bool = False, tiny: bool = False) -> ml_collections.ConfigDict:
+  """Data options of ListOps; defaults are the LRA release (96K / 2K / 2K, lengths 500-2000).
+
+  quick: 2000 / 200 / 200 trees of 100-500 tokens (seconds); tiny: 200 / 50 / 50 of those.
+  """
   c = ml_collections.ConfigDict()
   c.task = 'listops'
   c.cache_dir = 'data_cache'  # generated splits are cached under <cache_dir>/listops/
@@ -62,35 +65,36 @@ def listops_data_config(quick: bool = False) -> ml_collections.ConfigDict:
   c.max_depth = 10  # LRA: depth of the deepest node; the root has depth 1
   c.max_args = 10  # LRA: each operator has 2..max_args arguments
   c.branch_probability = 0.25  # LRA VALUE_P: chance that a node above max_depth is an operator
-  if quick:
+  if quick or tiny:
     # A CPU smoke test: generated in a few seconds.
     c.num_train = 2_000
     c.num_validation = 200
     c.num_test = 200
     c.min_length = 100
     c.max_length = 500
+  if tiny:
+    c.num_train, c.num_validation, c.num_test = 200, 50, 50
   return c
 
 
-def _check_options(c) -> None:
+def check_data_config(c) -> None:
+  """Raises ValueError naming the first invalid ListOps option (`c` holds every option); generates
+  nothing."""
   for name in ('num_train', 'num_validation', 'num_test', 'max_depth', 'max_length'):
-    value = c[name]
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-      raise ValueError(f'listops: {name} must be a positive integer, got {value!r}.')
-  if isinstance(c.min_length, bool) or not isinstance(c.min_length, int) or c.min_length < 0:
-    raise ValueError(f'listops: min_length must be an integer >= 0, got {c.min_length!r}.')
+    check_count(c[name], name=name, minimum=1, task='listops')
+  check_count(c.min_length, name='min_length', minimum=0, task='listops')
   if c.max_length - c.min_length < 2:
     raise ValueError(f'listops: need min_length + 1 < max_length (lengths are strictly between), got '
                      f'min_length={c.min_length}, max_length={c.max_length}.')
-  if isinstance(c.max_args, bool) or not isinstance(c.max_args, int) or c.max_args < 2:
-    raise ValueError(f'listops: max_args must be an integer >= 2, got {c.max_args!r}.')
+  check_count(c.max_args, name='max_args', minimum=2, task='listops')
   if not 0.0 < float(c.branch_probability) < 1.0:
     raise ValueError(f'listops: branch_probability must be in (0, 1), got {c.branch_probability!r}.')
-  if isinstance(c.seed, bool) or not isinstance(c.seed, int) or c.seed < 0:
-    raise ValueError(f'listops: seed must be an integer >= 0, got {c.seed!r}.')
+  check_count(c.seed, name='seed', minimum=0, task='listops')
   longest = 1  # the longest tree possible: every node above max_depth an operator with max_args
   for _ in range(c.max_depth - 1):
     longest = 3 + c.max_args * longest
+    if longest > c.min_length:
+      break  # long enough; a huge max_depth must not loop for ever
   if longest <= c.min_length:
     raise ValueError(f'listops: no tree of max_depth {c.max_depth} and max_args {c.max_args} is '
                      f'longer than min_length {c.min_length} (the longest has {longest} tokens).')
@@ -144,17 +148,12 @@ def generate_example(rng: random.Random, *, min_length: int, max_length: int, ma
       return out, value
 
 
-def split_seed(seed: int, split: str) -> int:
-  """The generator seed of `split`: distinct per split, derived from `seed`."""
-  return int(np.random.SeedSequence([seed, 0x115707, SPLITS.index(split)]).generate_state(1)[0])
-
-
 def generate_splits(c) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
   """Generates all splits: {split: (flat uint8 token ids, int64 offsets [n + 1], uint8 labels [n])}.
 
   Row i of a split is ids[offsets[i]:offsets[i + 1]]. Sequences are unique across the splits.
   """
-  _check_options(c)
+  check_data_config(c)
   seen: set[bytes] = set()
   result = {}
   for split in SPLITS:
@@ -233,7 +232,7 @@ def _load(path: str) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
 
 def load_or_generate(c) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
   """The splits of config `c` from the cache, generating and caching them on a miss."""
-  _check_options(c)
+  check_data_config(c)
   path = cache_path(c)
   with sources.quiet_datasets():
     if os.path.isdir(path):
@@ -257,7 +256,7 @@ def pad_rows(flat: np.ndarray, offsets: np.ndarray, width: int) -> tuple[np.ndar
   return codes, lengths
 
 
-@register_task('listops')
+@register_task('listops', config=listops_data_config)
 def load_listops(c) -> TaskData:
   """ListOps TaskData: inputs [N, max_length] ListOps ids, labels in 0..9."""
   splits = load_or_generate(c)

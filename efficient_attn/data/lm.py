@@ -30,7 +30,7 @@ from ml_collections import config_dict
 from efficient_attn.data import sources, tokenizers
 from efficient_attn.data.base import TaskData
 from efficient_attn.data.registry import register_task
-from efficient_attn.data.splits import check_indices
+from efficient_attn.data.splits import check_count, check_indices
 
 CORPORA = ('python_stdlib', 'enwik8', 'files')
 ENWIK8_BYTES = 100_000_000
@@ -38,8 +38,11 @@ ENWIK8_URL = 'http://mattmahoney.net/dc/enwik8.zip'
 _SKIPPED_STDLIB_DIRS = frozenset({'site-packages', 'dist-packages', '__pycache__'})
 
 
-def lm_data_config(quick: bool = False) -> ml_collections.ConfigDict:
-  """Data options of byte-level LM; defaults: the Python standard library, 1024-byte windows."""
+def lm_data_config(quick: bool = False, tiny: bool = False) -> ml_collections.ConfigDict:
+  """Data options of byte-level LM; defaults: the Python standard library, 1024-byte windows.
+
+  quick: 256-byte windows over the first 2 MB; tiny: over the first 200 KB.
+  """
   c = ml_collections.ConfigDict()
   c.task = 'lm'
   c.corpus = 'python_stdlib'  # one of CORPORA
@@ -54,9 +57,9 @@ def lm_data_config(quick: bool = False) -> ml_collections.ConfigDict:
   c.max_bytes = config_dict.placeholder(int)
   c.max_length = 1024  # bytes per window (Transformer-XL-style enwik8 models use 512..1024)
   c.seed = 0  # seeds the training window offsets
-  if quick:
+  if quick or tiny:
     c.max_length = 256
-    c.max_bytes = 2_000_000
+    c.max_bytes = 200_000 if tiny else 2_000_000
   return c
 
 
@@ -160,10 +163,9 @@ def _local_files(c) -> list[str]:
 
 
 def _enwik8_message(dest: str) -> str:
-  return (f'lm: enwik8 not found. On a machine with network access run\n'
-          f'  curl -O {ENWIK8_URL}\n'
-          f'and copy enwik8.zip to {os.path.abspath(dest)} (picked up automatically; unzipped '
-          f'enwik8 there works too), or set config.data.path to the file.')
+  return (f'To provide enwik8, run `curl -O {ENWIK8_URL}` on a machine with '
+          f'network access and copy enwik8.zip to {os.path.abspath(dest)} (picked up automatically; '
+          f'unzipped enwik8 there works too), or set config.data.path to the file.')
 
 
 def read_enwik8(c) -> np.ndarray:
@@ -197,16 +199,24 @@ def read_enwik8(c) -> np.ndarray:
   return np.frombuffer(raw, np.uint8)
 
 
-def read_corpus(c) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-  """(train, validation, test) byte arrays (uint8) of config `c`."""
+def check_data_config(c) -> None:
+  """Raises ValueError naming the first invalid LM option (`c` holds every option); reads nothing."""
   if c.corpus not in CORPORA:
     raise ValueError(f'lm: unknown corpus {c.corpus!r}; valid corpora: {", ".join(CORPORA)}.')
-  if c.max_bytes is not None and (isinstance(c.max_bytes, bool) or c.max_bytes < 1):
+  if c.max_bytes is not None and (isinstance(c.max_bytes, bool) or not isinstance(c.max_bytes, int)
+                                  or c.max_bytes < 1):
     raise ValueError(f'lm: max_bytes must be unset or a positive integer, got {c.max_bytes!r}.')
+  if c.corpus == 'enwik8' and c.max_bytes is not None:
+    raise ValueError('lm: max_bytes does not apply to enwik8, whose split is fixed at '
+                     '90M / 5M / 5M bytes; unset it.')
+  check_count(c.max_length, name='max_length', minimum=1, task='lm')
+  check_count(c.seed, name='seed', minimum=0, task='lm')
+
+
+def read_corpus(c) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """(train, validation, test) byte arrays (uint8) of config `c`."""
+  check_data_config(c)
   if c.corpus == 'enwik8':
-    if c.max_bytes is not None:
-      raise ValueError('lm: max_bytes does not apply to enwik8, whose split is fixed at '
-                       '90M / 5M / 5M bytes; unset it.')
     data = read_enwik8(c)
     a, b = 90_000_000, 95_000_000
   else:
@@ -216,11 +226,9 @@ def read_corpus(c) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   return data[:a], data[a:b], data[b:]
 
 
-@register_task('lm')
+@register_task('lm', config=lm_data_config)
 def load_lm(c) -> TaskData:
   """LM TaskData: inputs and labels int32 [N, max_length] byte ids (labels = the next bytes)."""
-  if isinstance(c.max_length, bool) or not isinstance(c.max_length, int) or c.max_length < 1:
-    raise ValueError(f'lm: max_length must be a positive integer, got {c.max_length!r}.')
   train, validation, test = read_corpus(c)
   length = c.max_length
   return TaskData(

@@ -17,7 +17,7 @@ from efficient_attn.data import tokenizers
 from efficient_attn.data.base import TaskData
 from efficient_attn.data.registry import register_task
 from efficient_attn.data.sources import DataUnavailableError
-from efficient_attn.data.splits import TokenSplit, limit_examples
+from efficient_attn.data.splits import TokenSplit, check_count, limit_examples
 
 NUM_CLASSES = 2
 FILES = {'train': 'new_aan_pairs.train.tsv', 'validation': 'new_aan_pairs.eval.tsv',
@@ -25,8 +25,11 @@ FILES = {'train': 'new_aan_pairs.train.tsv', 'validation': 'new_aan_pairs.eval.t
 LRA_URL = 'https://storage.googleapis.com/long-range-arena/lra_release.gz'
 
 
-def retrieval_data_config(quick: bool = False) -> ml_collections.ConfigDict:
-  """Data options of Retrieval; defaults follow the LRA repo (bytes, 4000 per document)."""
+def retrieval_data_config(quick: bool = False, tiny: bool = False) -> ml_collections.ConfigDict:
+  """Data options of Retrieval; defaults follow the LRA repo (bytes, 4000 per document).
+
+  quick: 512 bytes, at most 2000 pairs per split; tiny: 512 bytes, 200 pairs.
+  """
   c = ml_collections.ConfigDict()
   c.task = 'retrieval'
   # Folder with the three new_aan_pairs.*.tsv files. Unset: <cache_dir>/aan.
@@ -36,9 +39,9 @@ def retrieval_data_config(quick: bool = False) -> ml_collections.ConfigDict:
   c.add_cls = False  # prepend a CLS id (257; vocabulary 258) to each document
   c.seed = 0  # seeds max_examples subsets
   c.max_examples = config_dict.placeholder(int)  # cap per split (seeded random subset); unset: all
-  if quick:
+  if quick or tiny:
     c.max_length = 512
-    c.max_examples = 2_000
+    c.max_examples = 200 if tiny else 2_000
   return c
 
 
@@ -48,11 +51,11 @@ def data_dir(c) -> str:
 
 def _missing_message(folder: str, missing: list[str]) -> str:
   dest = os.path.abspath(folder)
-  return (f'retrieval: missing {", ".join(missing)} in {dest!r}. These are the LRA release files; on '
-          f'a machine with network access run\n'
-          f'  curl {LRA_URL} -o lra_release.tar.gz && tar xzf lra_release.tar.gz && '
-          f'mkdir -p {dest} && cp lra_release/lra_release/tsv_data/new_aan_pairs.*.tsv {dest}/\n'
-          f'and copy {dest} here (or set config.data.path to the folder holding the files).')
+  return (f'retrieval: missing {", ".join(missing)} in {dest!r}. These are the LRA release files: on '
+          f'a machine with network access run `curl {LRA_URL} -o lra_release.tar.gz && tar xzf '
+          f'lra_release.tar.gz && mkdir -p {dest} && cp '
+          f'lra_release/lra_release/tsv_data/new_aan_pairs.*.tsv {dest}/` and copy {dest} here (or '
+          f'set config.data.path to the folder holding the files).')
 
 
 def _parse_label(field: bytes, path: str, line_no: int) -> int:
@@ -101,11 +104,21 @@ def read_pairs(path: str, width: int) -> tuple[np.ndarray, np.ndarray, np.ndarra
   return codes[:n], lengths[:n], labels[:n]
 
 
-@register_task('retrieval')
+def check_data_config(c) -> None:
+  """Raises ValueError naming the first invalid Retrieval option (`c` holds every option); reads
+  nothing."""
+  check_count(c.max_length, name='max_length', minimum=2, task='retrieval')
+  check_count(c.seed, name='seed', minimum=0, task='retrieval')
+  if c.max_examples is not None:
+    check_count(c.max_examples, name='max_examples', minimum=1, task='retrieval')
+  if not isinstance(c.add_cls, bool):
+    raise ValueError(f'retrieval: config.data.add_cls must be True or False, got {c.add_cls!r}.')
+
+
+@register_task('retrieval', config=retrieval_data_config)
 def load_retrieval(c) -> TaskData:
   """Retrieval TaskData: inputs [N, 2, max_length] byte ids, 2 classes, kind 'pair'."""
-  if c.max_length < 2:
-    raise ValueError(f'retrieval: max_length must be >= 2, got {c.max_length}.')
+  check_data_config(c)
   folder = data_dir(c)
   missing = [name for name in FILES.values() if not os.path.isfile(os.path.join(folder, name))]
   if missing:

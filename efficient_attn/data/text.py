@@ -13,13 +13,17 @@ from ml_collections import config_dict
 from efficient_attn.data import sources, tokenizers
 from efficient_attn.data.base import TaskData
 from efficient_attn.data.registry import register_task
-from efficient_attn.data.splits import TokenSplit, check_labels, choose_indices, pack_byte_strings
+from efficient_attn.data.splits import (TokenSplit, check_count, check_labels, choose_indices,
+                                        pack_byte_strings)
 
 NUM_CLASSES = 2
 
 
-def text_data_config(quick: bool = False) -> ml_collections.ConfigDict:
-  """Data options of Text; defaults follow the LRA paper (byte-level IMDB at 4K)."""
+def text_data_config(quick: bool = False, tiny: bool = False) -> ml_collections.ConfigDict:
+  """Data options of Text; defaults follow the LRA paper (byte-level IMDB at 4K).
+
+  quick: 512 bytes, at most 2000 reviews per split; tiny: 512 bytes, 200 reviews (validation 50).
+  """
   c = ml_collections.ConfigDict()
   c.task = 'text'
   c.hf_name = 'imdb'  # Hugging Face dataset with 'text' and 'label' (0 negative, 1 positive)
@@ -33,11 +37,25 @@ def text_data_config(quick: bool = False) -> ml_collections.ConfigDict:
   c.seed = 0  # seeds the validation carve-out and max_examples subsets
   c.add_cls = False  # prepend a CLS id (257; vocabulary 258) for CLS pooling (LRA pools CLS)
   c.max_examples = config_dict.placeholder(int)  # cap per split (seeded random subset); unset: all
-  if quick:
+  if quick or tiny:
     c.max_length = 512
     c.num_validation = 500
     c.max_examples = 2_000
+  if tiny:
+    c.num_validation = 50
+    c.max_examples = 200
   return c
+
+
+def check_data_config(c) -> None:
+  """Raises ValueError naming the first invalid Text option (`c` holds every option); reads nothing."""
+  check_count(c.max_length, name='max_length', minimum=2, task='text')
+  check_count(c.num_validation, name='num_validation', minimum=1, task='text')
+  check_count(c.seed, name='seed', minimum=0, task='text')
+  if c.max_examples is not None:
+    check_count(c.max_examples, name='max_examples', minimum=1, task='text')
+  if not isinstance(c.add_cls, bool):
+    raise ValueError(f'text: config.data.add_cls must be True or False, got {c.add_cls!r}.')
 
 
 def _encode(dataset, indices: np.ndarray, width: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -50,18 +68,17 @@ def _encode(dataset, indices: np.ndarray, width: int) -> tuple[np.ndarray, np.nd
   return codes, lengths, labels
 
 
-@register_task('text')
+@register_task('text', config=text_data_config)
 def load_text(c) -> TaskData:
   """Text TaskData: inputs [N, max_length] byte ids, 2 classes."""
-  if c.max_length < 2:
-    raise ValueError(f'text: max_length must be >= 2, got {c.max_length}.')
+  check_data_config(c)
   with sources.quiet_datasets():
     raw = sources.load_splits(task='text', hf_name=c.hf_name, path=c.path, cache_dir=c.cache_dir,
                               splits=('train', 'test'),
                               extra_hint=' with columns text, label')
     train_idx, val_idx, test_idx = choose_indices(
         len(raw['train']), len(raw['test']), num_validation=c.num_validation, seed=c.seed,
-        max_examples=c.max_examples)
+        max_examples=c.max_examples, task='text')
     cls_id = tokenizers.BYTE_CLS_ID if c.add_cls else None
     width = c.max_length - (1 if c.add_cls else 0)  # CLS takes one position
     built = []
