@@ -10,7 +10,8 @@ Steps:
      (forward and the gradients of q, k, v, with padding). A relative error above --tolerance makes the
      script exit with status 1 (after the timings).
   2. Timings, for each length: ours 'xla' and ours 'pallas' for each fixed pattern (options giving
-     about --keys keys per query: local window keys/2, ...), cuDNN full attention
+     about --keys keys per query: each class's `preset(keys)`, local window keys/2, ...), cuDNN full
+     attention
      (`jax.nn.dot_product_attention(implementation='cudnn')`, always causal) and plain dense attention
      (`dense_attention`) where its compiled temporaries fit --memory_budget_gb. For each: compiled temp
      memory of jit(forward) and jit(forward+backward) (XLA's memory analysis), median wall time over
@@ -18,7 +19,7 @@ Steps:
      (query, key) pair for the forward, 3.5 times that for forward+backward (the backward's five
      matmuls against the forward's two), counted exactly from each pattern's definition.
   3. A Markdown table (with date, JAX version and device) on stdout and in --out/gpu_kernels.md, and
-     everything in --out/gpu_kernels.json. The issue's targets (H200, n = 131072, local window 256:
+     everything in --out/gpu_kernels.json. The performance targets (H200, n = 131072, local window 256:
      forward <= 1.5 ms, forward+backward <= 6 ms, temporaries <= 1.5 GB) are checked when measured.
 """
 from __future__ import annotations
@@ -40,30 +41,32 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import efficient_attn as ea  # pylint: disable=wrong-import-position
 from efficient_attn.attention import patterns as P  # pylint: disable=wrong-import-position
+from efficient_attn.attention.api import variant_class  # pylint: disable=wrong-import-position
 
-FIXED_PATTERNS = ('local', 'dilated', 'longformer', 'strided', 'fixed', 'bigbird')
 TARGETS = dict(length=131072, variant='local', window=256, fwd_ms=1.5, fwd_bwd_ms=6.0, temp_gb=1.5)
+# The exact full-attention variants: timed only on request (--variants), counted as n^2 pairs.
+BASELINES = ('full', 'chunked')
+_MASK_COUNT_LIMIT = 16384  # longest length whose visible pairs are counted from a dense mask
+
+
+def has_dense_mask(name: str) -> bool:
+  """Whether variant `name` defines its pattern token by token (`dense_mask`)."""
+  return variant_class(name).dense_mask is not ea.Attention.dense_mask
+
+
+def fixed_patterns() -> tuple[str, ...]:
+  """The variants this script times by default: a sparse token pattern fixed before the data is seen
+  (`dense_mask`), run by the block engine and so by the fused kernel (`supports_pallas`)."""
+  return tuple(n for n in ea.ATTENTION_NAMES if n not in BASELINES and has_dense_mask(n) and
+               variant_class(n).supports_pallas)
+
+
+FIXED_PATTERNS = fixed_patterns()
 
 
 def preset_options(name: str, keys: int) -> dict[str, Any]:
-  """Options giving about `keys` keys per query (strided and fixed also grow with the length)."""
-  w = max(1, keys // 2)
-  block = 64 if keys >= 512 else max(8, keys // 2)
-  return {
-      'full': {},
-      'chunked': dict(query_chunk=512, key_chunk=512) if keys >= 512 else dict(query_chunk=16,
-                                                                                key_chunk=8),
-      'local': dict(window=w),
-      'dilated': dict(window=w, dilation=(1, 2)),
-      'longformer': dict(window=w, global_tokens=(0,)),
-      # The band sees 2 * stride + 1 keys, the columns n / stride: stride = keys / 2 is the paper's
-      # sqrt(n / 2) optimum at n = keys^2 / 2.
-      'strided': dict(stride=w),
-      # The own group sees `stride` keys, the summaries n / stride * summary.
-      'fixed': dict(stride=keys, summary=1),
-      # 3 window + 2 global + random blocks of `block` keys.
-      'bigbird': dict(block_size=block, num_random_blocks=max(1, keys // block - 5)),
-  }[name]
+  """Options giving about `keys` keys per query: the variant class's `preset(keys)`."""
+  return variant_class(name).preset(keys)
 
 
 def machine_name() -> str:
@@ -97,7 +100,7 @@ def _count_rows(pred: Callable[[Any, Any], Any], n: int, causal: bool) -> int:
 
 def visible_pairs(name: str, options: dict, n: int, heads: int, causal: bool, rng) -> int:
   """Visible (query, key) pairs summed over heads: the useful work of one batch element."""
-  if name in ('full', 'chunked', 'cudnn', 'dense'):
+  if name in BASELINES + ('cudnn', 'dense'):
     return heads * (n * (n + 1) // 2 if causal else n * n)
   if name == 'bigbird':  # exact at block level: a pattern of whole blocks
     attn = ea.make_attention(name, **options)
@@ -132,7 +135,13 @@ def visible_pairs(name: str, options: dict, n: int, heads: int, causal: bool, rn
     return heads * _count_rows(P.Strided(options['stride']), n, causal)
   if name == 'fixed':
     return heads * _count_rows(P.Fixed(options['stride'], options['summary']), n, causal)
-  raise ValueError(f'no pair count for {name!r}')
+  if has_dense_mask(name) and n <= _MASK_COUNT_LIMIT:  # any other pattern: count its dense mask
+    attn = ea.make_attention(name, **options)
+    per_head = np.asarray(jax.jit(lambda rng: jnp.sum(  # < 2^31 per head at this length
+        attn.dense_mask(n, causal=causal, rng=rng, heads=heads), axis=(1, 2),
+        dtype=jnp.int32))(rng), np.int64)
+    return int(per_head.sum() if per_head.size == heads else per_head[0] * heads)
+  raise ValueError(f'no pair count for {name!r} at n={n}')
 
 
 # --------------------------------------------------------------------------------------------------
@@ -221,12 +230,18 @@ def measure(kind: str, name: str, length: int, *, batch: int, heads: int, head_d
   if row['temp_bytes'] > memory_budget:
     row['error'] = f'not run: needs {row["temp_bytes"] / 2**30:.2f} GiB of temporaries'
     return row
-  pairs = batch * visible_pairs(name if kind not in ('cudnn', 'dense') else kind, options, length,
-                                heads, causal, rng)
-  row['keys_per_query'] = pairs / (batch * heads * length)
+  try:
+    pairs = batch * visible_pairs(name if kind not in ('cudnn', 'dense') else kind, options, length,
+                                  heads, causal, rng)
+  except ValueError as e:  # a pattern without an exact count at this length: time it anyway
+    pairs, row['pair_count_error'] = None, str(e)
   q, k, v = (jax.random.normal(key, shape, dtype) for key in jax.random.split(jax.random.key(3), 3))
   row['fwd_s'] = _median_seconds(fwd, (q, k, v), repeats)
   row['fwd_bwd_s'] = _median_seconds(fwd_bwd, (q, k, v), repeats)
+  if pairs is None:
+    row['keys_per_query'] = row['fwd_tflops'] = row['fwd_bwd_tflops'] = None
+    return row
+  row['keys_per_query'] = pairs / (batch * heads * length)
   flops = 4 * head_dim * pairs
   row['fwd_tflops'] = flops / row['fwd_s'] / 1e12
   row['fwd_bwd_tflops'] = 3.5 * flops / row['fwd_bwd_s'] / 1e12
@@ -252,16 +267,18 @@ def markdown(header: str, checks: list[dict], rows: list[dict], target_lines: li
     if 'fwd_s' not in r:
       lines.append(f'{head} | {r["error"]} ||||||')
       continue
-    lines.append(f'{head} {r["keys_per_query"]:.1f} | {r["fwd_s"] * 1e3:.3f} | '
-                 f'{r["fwd_bwd_s"] * 1e3:.3f} | {r["fwd_tflops"]:.3g} | {r["fwd_bwd_tflops"]:.3g} | '
-                 f'{r["fwd_temp_bytes"] / 2**20:.1f} | {r["temp_bytes"] / 2**20:.1f} |')
+    fmt = lambda x, spec: 'n/a' if x is None else format(x, spec)
+    lines.append(f'{head} {fmt(r["keys_per_query"], ".1f")} | {r["fwd_s"] * 1e3:.3f} | '
+                 f'{r["fwd_bwd_s"] * 1e3:.3f} | {fmt(r["fwd_tflops"], ".3g")} | '
+                 f'{fmt(r["fwd_bwd_tflops"], ".3g")} | {r["fwd_temp_bytes"] / 2**20:.1f} | '
+                 f'{r["temp_bytes"] / 2**20:.1f} |')
   if target_lines:
     lines += [''] + target_lines
   return '\n'.join(lines)
 
 
 def check_targets(rows: list[dict]) -> list[str]:
-  """The issue's H200 targets, for the rows that measure them (pallas local window 256 at 131072)."""
+  """The H200 performance targets, for the rows that measure them (pallas local window 256 at 131072)."""
   t = TARGETS
   out = []
   for r in rows:
@@ -306,13 +323,13 @@ def main(argv=None) -> dict:
   parser.add_argument('--out', default='bench_out', help='folder for gpu_kernels.json / .md')
   args = parser.parse_args(argv)
   if args.smoke:
-    args.lengths, args.heads, args.head_dim, args.keys = '40', 2, 8, 8
+    args.lengths, args.heads, args.head_dim, args.keys = '40', 2, 8, 16
     args.repeats, args.check_length, args.batch = 1, 37, 1
 
   lengths = [int(x) for x in args.lengths.split(',') if x]
   variants = [v for v in args.variants.split(',') if v]
   baselines = [v for v in args.baselines.split(',') if v]
-  bad = [v for v in variants if v not in FIXED_PATTERNS + ('full', 'chunked')]
+  bad = [v for v in variants if v not in FIXED_PATTERNS + BASELINES]
   bad += [v for v in baselines if v not in ('cudnn', 'dense')]
   if bad or not lengths or min(lengths) < 1:
     parser.error(f'unknown variants or baselines {bad}, or bad lengths {args.lengths!r}')

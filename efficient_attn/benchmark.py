@@ -9,7 +9,9 @@ running anything), then the median wall time of the forward and of forward+backw
 after a warm-up. A configuration whose compiled memory exceeds `--memory_budget_gb` is reported as out of
 reach instead of run. Prints a Markdown table with the speed-up and memory ratio against `full` and
 `chunked`, and writes `benchmark.json`, `benchmark.md` (the table) and `benchmark.png` (time and memory
-against length, log-log) to `--out`. Default options see about `--keys` keys per query (`preset_options`).
+against length, log-log) to `--out`. Each variant runs with the options of its class's `preset(keys)`
+(about `--keys` keys per query); variants with learned weights get them from their `init`, and
+bidirectional-only variants are reported as such under `--causal`.
 """
 from __future__ import annotations
 
@@ -26,23 +28,14 @@ import jax
 import jax.numpy as jnp
 
 import efficient_attn as ea
+from efficient_attn.attention.api import variant_class
+
+CUDNN = 'cudnn'  # jax.nn.dot_product_attention(implementation='cudnn'): full attention, GPU only
 
 
 def preset_options(name: str, keys: int = 512) -> dict[str, Any]:
-  """Options that make each variant see about `keys` keys per query (at n = 8192 for strided/fixed)."""
-  w = keys // 2
-  return {
-      'full': {},
-      'chunked': dict(query_chunk=512, key_chunk=512),
-      'local': dict(window=w),
-      'dilated': dict(window=w, dilation=(1, 2)),
-      'longformer': dict(window=w, global_tokens=(0,)),
-      'strided': dict(stride=w),
-      'fixed': dict(stride=w, summary=8),
-      'bigbird': dict(block_size=64, num_random_blocks=max(1, keys // 64 - 5)),
-      'lsh': dict(bucket_size=max(8, keys // 4), num_hashes=2),
-      'cudnn': {},
-  }[name]
+  """The options under which variant `name` sees about `keys` keys per query: its class's `preset`."""
+  return {} if name == CUDNN else variant_class(name).preset(keys)
 
 
 def machine_name() -> str:
@@ -58,12 +51,17 @@ def machine_name() -> str:
   return f'{dev.platform.upper()}: {dev.device_kind}'
 
 
-def _attention_fn(name: str, options: dict, causal: bool):
-  if name == 'cudnn':  # the fused reference on NVIDIA GPUs (full attention)
+def _attention_fn(name: str, options: dict, causal: bool, shape: tuple[int, int, int, int]):
+  """q, k, v -> out of one benchmark row; shape [batch, length, heads, head_dim] sizes learned
+  weights."""
+  if name == CUDNN:  # the fused reference on NVIDIA GPUs (full attention)
     return lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=causal,
                                                         implementation='cudnn')
   attn = ea.make_attention(name, **options)
   key = jax.random.key(0)
+  if attn.learned:  # weights are inputs like any other; their init is not timed
+    params = attn.init(jax.random.key(1), length=shape[1], heads=shape[2], head_dim=shape[3])
+    return lambda q, k, v: attn(q, k, v, causal=causal, rng=key, params=params)
   return lambda q, k, v: attn(q, k, v, causal=causal, rng=key)
 
 
@@ -81,13 +79,16 @@ def measure(name: str, length: int, *, batch: int, heads: int, head_dim: int, dt
             repeats: int, keys: int, memory_budget: float) -> dict[str, Any]:
   """One row: compiled memory, then median forward and forward+backward seconds (or why not run)."""
   options = preset_options(name, keys)
-  fn = _attention_fn(name, options, causal)
+  row = dict(variant=name, length=length, options=options)
+  if causal and name != CUDNN and not variant_class(name).supports_causal:
+    row['error'] = 'not run: bidirectional only (no causal form)'
+    return row
   shape = (batch, length, heads, head_dim)
+  fn = _attention_fn(name, options, causal, shape)
   spec = jax.ShapeDtypeStruct(shape, dtype)
   loss = lambda q, k, v: jnp.sum(fn(q, k, v).astype(jnp.float32))
   fwd = jax.jit(fn)
   fwd_bwd = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))
-  row = dict(variant=name, length=length, options=options)
   try:
     compiled_fb = fwd_bwd.lower(spec, spec, spec).compile()
     compiled_f = fwd.lower(spec, spec, spec).compile()
@@ -148,7 +149,7 @@ def plot(rows: list[dict], path: str, title: str) -> None:
     if not ok:
       continue
     n = [r['length'] for r in ok]
-    style = dict(marker='o', linestyle='--' if name in ('full', 'chunked', 'cudnn') else '-')
+    style = dict(marker='o', linestyle='--' if name in ('full', 'chunked', CUDNN) else '-')
     ax_t.plot(n, [r['fwd_bwd_s'] * 1e3 for r in ok], label=name, **style)
     ax_m.plot(n, [r['temp_bytes'] / 2**20 for r in ok], label=name, **style)
   for ax, label in ((ax_t, 'forward+backward time (ms)'), (ax_m, 'compiled temp memory (MiB)')):
@@ -192,8 +193,8 @@ def main(argv=None) -> list[dict]:
     return _report(saved['rows'], saved['machine'], args.out)
 
   lengths = [int(x) for x in args.lengths.split(',') if x]
-  variants = [v for v in args.variants.split(',') if v] + (['cudnn'] if args.cudnn else [])
-  unknown = [v for v in variants if v not in ea.ATTENTION_NAMES + ('cudnn',)]
+  variants = [v for v in args.variants.split(',') if v] + ([CUDNN] if args.cudnn else [])
+  unknown = [v for v in variants if v not in ea.ATTENTION_NAMES + (CUDNN,)]
   if unknown or not lengths or min(lengths) < 1:
     parser.error(f'unknown variants {unknown} (valid: {", ".join(ea.ATTENTION_NAMES)}, cudnn) '
                  'or bad lengths')

@@ -1,5 +1,7 @@
 """Side-by-side comparison of finished runs: a Markdown table and a PNG of validation curves.
 
+The PNG has one panel per task (tasks have different metrics and scales), titled, with axis labels.
+
 Reads only what `train_and_evaluate` leaves in each workdir (results.json, metrics.jsonl,
 config.json); evaluates nothing.
 """
@@ -98,23 +100,52 @@ def markdown_table(runs: Sequence[RunSummary]) -> str:
   return '\n'.join(lines) + '\n'
 
 
-def plot_validation_curves(runs: Sequence[RunSummary], path: str) -> None:
-  """Validation accuracy (and/or bits per byte) against step, one line per run, to a PNG."""
+_METRIC_LABELS = {'accuracy': 'validation accuracy', 'bits_per_byte': 'validation bits per byte'}
+_PANELS_PER_ROW = 3
+
+
+def validation_curves_figure(runs: Sequence[RunSummary]):
+  """A matplotlib Figure: one panel per task, the validation curve of each of its runs.
+
+  Each panel is titled with its task and metric and labels its axes (training step; validation
+  accuracy, or bits per byte for 'lm': lower is better); tasks come in order of first appearance.
+  A run without validation points yet is listed in the legend as such.
+  """
   import matplotlib  # pylint: disable=import-outside-toplevel
   matplotlib.use('Agg')  # headless: no display on training machines
   import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
 
-  metrics = sorted({run.metric for run in runs})
-  fig, axes = plt.subplots(1, len(metrics), figsize=(6.5 * len(metrics), 4.5), squeeze=False)
-  for ax, metric in zip(axes[0], metrics):
-    for run in runs:
-      if run.metric == metric and run.curve_steps:
+  if not runs:
+    raise ValueError('No runs to plot.')
+  tasks = list(dict.fromkeys(run.task for run in runs))
+  cols = min(len(tasks), _PANELS_PER_ROW)
+  rows = -(-len(tasks) // cols)
+  fig, axes = plt.subplots(rows, cols, figsize=(6.0 * cols, 4.3 * rows), squeeze=False)
+  for ax, task in zip(axes.flat, tasks):
+    task_runs = [run for run in runs if run.task == task]
+    metric = task_runs[0].metric
+    for run in task_runs:
+      if run.curve_steps:
         ax.plot(run.curve_steps, run.curve_values, marker='o', markersize=3, label=run.label)
-    ax.set_xlabel('step')
-    ax.set_ylabel(f'validation {metric.replace("_", " ")}')
+      else:
+        ax.plot([], [], linestyle='none', label=f'{run.label}: no validation yet')
+    direction = 'lower is better' if metric == 'bits_per_byte' else 'higher is better'
+    ax.set_title(f'{task}: {_METRIC_LABELS[metric]} ({direction})')
+    ax.set_xlabel('training step')
+    ax.set_ylabel(_METRIC_LABELS[metric])
     ax.grid(alpha=0.3)
     ax.legend(fontsize='small')
+  for ax in list(axes.flat)[len(tasks):]:
+    ax.remove()  # unused cells of the last row
+  fig.suptitle(f'Validation curves of {len(runs)} run{"s" if len(runs) != 1 else ""}')
   fig.tight_layout()
+  return fig
+
+
+def plot_validation_curves(runs: Sequence[RunSummary], path: str) -> None:
+  """Writes `validation_curves_figure(runs)` to `path` as a PNG."""
+  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+  fig = validation_curves_figure(runs)
   fig.savefig(path, dpi=120)
   plt.close(fig)
 

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-KINDS = ('classify', 'pair', 'lm')
+from efficient_attn.data.base import KINDS
 
 
 def batch_sums(kind: str, logits: jax.Array, batch: Mapping[str, jax.Array]) -> dict[str, jax.Array]:

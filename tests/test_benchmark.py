@@ -23,3 +23,15 @@ def test_benchmark_reports_out_of_reach(tmp_path):
   rows = benchmark.main(['--lengths', '256', '--variants', 'full', '--heads', '2', '--head_dim', '8',
                          '--memory_budget_gb', '0.0001', '--out', str(tmp_path)])
   assert rows[0]['error'].startswith('out of reach')
+
+
+def test_options_come_from_the_variant_classes():
+  """One source of per-variant settings: each class's `preset`; every registered variant is valid."""
+  import efficient_attn as ea  # pylint: disable=g-import-not-at-top
+  from efficient_attn.attention.api import variant_class  # pylint: disable=g-import-not-at-top
+  for name in ea.ATTENTION_NAMES:
+    for keys in (32, 512):
+      options = benchmark.preset_options(name, keys)
+      assert options == variant_class(name).preset(keys)
+      ea.make_attention(name, **options)  # valid options
+  assert benchmark.preset_options('cudnn', 512) == {}

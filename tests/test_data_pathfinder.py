@@ -10,7 +10,11 @@ import numpy as np
 import pytest
 
 from efficient_attn.data import pathfinder as pf
-from efficient_attn.data.base import TaskData
+from efficient_attn.data import tokenizers
+from efficient_attn.data.base import SPLITS, TaskData
+from efficient_attn.data.pathfinder import __main__ as pathfinder_cli
+from efficient_attn.data.pathfinder import contours
+from efficient_attn.data.splits import split_seed
 
 
 def _components(ink: np.ndarray, radius: float) -> np.ndarray:
@@ -133,7 +137,7 @@ def test_distance_balancer_equalises_marker_distances():
     ends = [o + polar(rng.uniform(80, 100, k)) for o in (origin0, origin1)]
     return np.stack([origin0, origin1, ends[0], ends[1]], axis=1).astype(np.float32)
 
-  accept = pf._distance_balancer(pairs(4000), 128)
+  accept = contours.distance_balancer(pairs(4000), 128)
   tips = pairs(40000)
   offer = rng.integers(0, 2, tips.shape[0])
   s = rng.integers(0, 2, tips.shape[0])
@@ -234,6 +238,30 @@ def test_loader_generates_then_loads_from_cache(tmp_path, monkeypatch):
     pf.load_pathfinder(_config(tmp_path, num_test=5))
 
 
+def test_splits_follow_the_shared_conventions(tmp_path):
+  """Generated splits are seeded by splits.split_seed, as ListOps'; pixels are Image's ids."""
+  task = pf.load_pathfinder(_config(tmp_path, cache_dir='', seed=3))
+  for name, split in zip(SPLITS, (task.train, task.validation, task.test)):
+    images, labels = pf.generate(split.num_examples, seed=split_seed(3, name))
+    np.testing.assert_array_equal(split.images, images)
+    np.testing.assert_array_equal(split.labels, labels)
+    batch = split.get(np.arange(split.num_examples))
+    np.testing.assert_array_equal(batch['inputs'],
+                                  tokenizers.encode_pixels(images.reshape(len(images), -1)))
+  assert task.vocab_size == tokenizers.PIXEL_VOCAB_SIZE
+  # The LRA release: a seeded tenth for test, a tenth of the rest for validation, then the caps.
+  parts = pf.lra_split_indices(50, (100, 100, 100), seed=0)
+  assert [p.size for p in parts] == [40, 5, 5]
+  assert sorted(np.concatenate(parts).tolist()) == list(range(50))
+  again = pf.lra_split_indices(50, (100, 100, 100), seed=0)
+  other = pf.lra_split_indices(50, (100, 100, 100), seed=1)
+  assert all(np.array_equal(a, b) for a, b in zip(parts, again))
+  assert not np.array_equal(parts[2], other[2])
+  assert [p.size for p in pf.lra_split_indices(50, (7, 2, 1), seed=0)] == [7, 2, 1]
+  with pytest.raises(ValueError, match='at least 3'):
+    pf.lra_split_indices(2, (1, 1, 1), seed=0)
+
+
 def test_loader_without_cache_and_bad_options(tmp_path):
   task = pf.load_pathfinder(_config(tmp_path, cache_dir='', num_train=2, num_validation=2,
                                     num_test=2))
@@ -242,6 +270,9 @@ def test_loader_without_cache_and_bad_options(tmp_path):
   for overrides, match in (({'resolution': 100}, 'resolution'), ({'difficulty': 'x'}, 'difficulty'),
                            ({'num_train': 0}, 'num_train'), ({'seed': -2}, 'seed')):
     with pytest.raises(ValueError, match=match):
+      pf.load_pathfinder(_config(tmp_path, **overrides))
+    # The message names the config field to set.
+    with pytest.raises(ValueError, match=f'config.data.{next(iter(overrides))}'):
       pf.load_pathfinder(_config(tmp_path, **overrides))
 
 
@@ -317,6 +348,23 @@ def test_config_and_registry():
 
 def test_grid_entry_point(tmp_path):
   path = tmp_path / 'grid.png'
-  pf.main(['--grid', str(path), '--seed', '1'])
+  pathfinder_cli.main(['--grid', str(path), '--seed', '1'])
   with open(path, 'rb') as f:
     assert f.read(8) == b'\x89PNG\r\n\x1a\n'
+
+
+def test_module_command_line(tmp_path):
+  """`python -m efficient_attn.data.pathfinder` (as documented) runs; bad input: exit 2, one line."""
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = dict(os.environ, PYTHONPATH=root, JAX_PLATFORMS='cpu')
+  run = lambda *args: subprocess.run([sys.executable, '-m', 'efficient_attn.data.pathfinder', *args],
+                                     env=env, cwd=tmp_path, capture_output=True, text=True,
+                                     timeout=120, check=False)
+  done = run('--time', '4', '--seed', '2')
+  assert done.returncode == 0, done.stderr[-2000:]
+  assert '4 images of 32x32 (hard)' in done.stdout
+  bad = run('--time', '4', '--resolution', '48')
+  assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1
+  assert '--resolution' in bad.stderr

@@ -123,6 +123,61 @@ def test_text_missing_data_gives_one_clear_error(tmp_path, monkeypatch):
   assert isinstance(info.value.__cause__, ConnectionError)
 
 
+def test_unreachable_hub_fails_at_once_with_one_line(tmp_path, monkeypatch):
+  """Without a reachable Hub, `datasets` is not even asked; the error is one line, the fix first."""
+  from efficient_attn.data import sources  # pylint: disable=g-import-not-at-top
+
+  def asked(*args, **kwargs):
+    raise AssertionError('asked the Hub although it is unreachable')
+
+  monkeypatch.setattr(datasets, 'load_dataset', asked)
+  monkeypatch.setattr(sources, 'hub_unreachable', lambda: 'cannot connect (test)')
+  with pytest.raises(data.DataUnavailableError) as info:
+    data.load_task(_text_config(tmp_path, None))
+  message = str(info.value)
+  assert '\n' not in message
+  assert message.startswith("text: 'imdb' is not on this machine. To provide it, run `python -c")
+  assert message.index('save_to_disk(') < message.index('cannot connect (test)')
+  assert isinstance(info.value, ValueError) and isinstance(info.value, FileNotFoundError)
+  assert isinstance(info.value.__cause__, ConnectionError)
+
+
+def test_hub_probe(monkeypatch):
+  from efficient_attn.data import sources  # pylint: disable=g-import-not-at-top
+  import socket  # pylint: disable=g-import-not-at-top
+  for name in ('HF_HUB_OFFLINE', 'HF_DATASETS_OFFLINE') + sources._PROXY_VARIABLES:
+    monkeypatch.delenv(name, raising=False)
+  sources.hub_unreachable.cache_clear()
+  monkeypatch.setenv('HF_HUB_OFFLINE', '1')
+  assert 'HF_HUB_OFFLINE' in sources.hub_unreachable()
+  monkeypatch.delenv('HF_HUB_OFFLINE')
+  # A local port nobody listens on: refused at once.
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    port = s.getsockname()[1]
+  monkeypatch.setattr(sources, '_hub_host', lambda: ('127.0.0.1', port))
+  sources.hub_unreachable.cache_clear()
+  assert f'127.0.0.1:{port}' in sources.hub_unreachable()
+  # A listening one: reachable.
+  with socket.socket() as server:
+    server.bind(('127.0.0.1', 0))
+    server.listen(1)
+    monkeypatch.setattr(sources, '_hub_host', lambda: server.getsockname())
+    sources.hub_unreachable.cache_clear()
+    assert sources.hub_unreachable() is None
+  # Behind a proxy a direct connection proves nothing: let `datasets` decide.
+  monkeypatch.setenv('HTTPS_PROXY', 'http://proxy.invalid:3128')
+  sources.hub_unreachable.cache_clear()
+  assert sources.hub_unreachable() is None
+  sources.hub_unreachable.cache_clear()
+
+
+def test_validation_larger_than_a_small_copy_says_what_to_set(tmp_path, imdb_saved):
+  with pytest.raises(ValueError, match=r'text: config.data.num_validation must be in \(0, 8\).*'
+                                       r'set config.data.num_validation to at most 7'):
+    data.load_task(_text_config(tmp_path, imdb_saved, num_validation=500))
+
+
 def _write_tsv(path, rows, header=False):
   with open(path, 'w', encoding='utf-8') as f:
     if header:
@@ -317,10 +372,18 @@ def test_lm_missing_data_and_bad_options(tmp_path, monkeypatch):
 
 
 def test_registry_configs_and_unknown_task():
-  for task in ('listops', 'text', 'retrieval', 'image', 'lm'):
+  assert set(data.task_names()) >= {'listops', 'text', 'retrieval', 'image', 'pathfinder', 'lm'}
+  assert set(data.DATA_CONFIGS) == set(data.TASKS)  # every task registered its config
+  for task in data.task_names():
     for quick in (False, True):
       c = data.default_data_config(task, quick)
       assert c.task == task and 'cache_dir' in c
+      # tiny has the same options, no larger sizes
+      tiny = data.default_data_config(task, quick, tiny=True)
+      assert set(tiny.keys()) == set(c.keys())
+      for key in tiny.keys():
+        if key.startswith(('num_', 'max_')) and isinstance(c[key], int):
+          assert tiny[key] <= c[key], (task, key)
   assert data.default_data_config('listops').num_train == 96_000
   assert data.default_data_config('image').num_validation == 5_000
   with pytest.raises(ValueError, match='valid tasks:.*listops'):

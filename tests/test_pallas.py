@@ -271,8 +271,13 @@ def test_kernels_lower_to_triton(name, dtype, monkeypatch):
   loss = lambda q, k, v: jnp.sum(attn(q, k, v, causal=True, rng=jax.random.key(0)).astype(
       jnp.float32))
   triton = jax.export.DisabledSafetyCheck.custom_call('__gpu$xla.gpu.triton')
-  exported = jax.export.export(jax.jit(jax.grad(loss, argnums=(0, 1, 2))), platforms=['cuda'],
-                               disabled_checks=[triton])(spec, spec, spec)
+  # The Triton lowering reads the target GPU from the device: jax 0.10 falls back to compute
+  # capability 9.0 without one, jax >= 0.11 raises unless an abstract GPU device is in context
+  # (an H200, the GPU benchmarks/gpu_kernels.py targets; capability 9.0 either way).
+  gpu = jax.sharding.AbstractDevice(device_kind='NVIDIA H200', num_cores=None, platform='gpu')
+  with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((1,), ('x',), abstract_device=gpu)):
+    exported = jax.export.export(jax.jit(jax.grad(loss, argnums=(0, 1, 2))), platforms=['cuda'],
+                                 disabled_checks=[triton])(spec, spec, spec)
   kernels = re.findall(r'name = "(block_sparse_attention_\w+)"', exported.mlir_module())
   assert sorted(set(kernels)) == ['block_sparse_attention_classify', 'block_sparse_attention_dkdv',
                                   'block_sparse_attention_dq', 'block_sparse_attention_fwd']

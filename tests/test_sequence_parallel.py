@@ -20,7 +20,8 @@ import pytest
 from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
 import efficient_attn as ea
-from efficient_attn.attention.sequence_parallel import sequence_parallel_attention
+from efficient_attn.attention.api import variant_class
+from efficient_attn.attention.sequence_parallel import SUPPORTED, sequence_parallel_attention
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEVICES = 8
@@ -47,6 +48,11 @@ CASES = {
     'bigbird': ('bigbird', {'block_size': 8, 'num_random_blocks': 2}, 96),
 }
 BATCH, HEADS, HEAD_DIM = 2, 2, 8
+# Every other variant with a sequence-parallel plan: its class's small options.
+CASES.update({name: (name, variant_class(name).small_options(HEADS), 96) for name in SUPPORTED
+              if name not in {case[0] for case in CASES.values()}})
+# A registered variant without a plan, for the error test (None if every variant has one).
+UNSUPPORTED = next((name for name in ea.ATTENTION_NAMES if name not in SUPPORTED), None)
 # Compiled memory of jit(grad) for `local`: one device against 8 shards.
 MEMORY_CASE = ('local', {'window': 32}, 4096)
 
@@ -215,11 +221,17 @@ def _one_device_mesh():
   return jax.make_mesh((1,), ('sequence',), axis_types=(AxisType.Explicit,))
 
 
+def test_every_supported_variant_has_a_case():
+  assert set(SUPPORTED) <= {name for name, _, _ in CASES.values()}
+  assert set(SUPPORTED) <= set(ea.ATTENTION_NAMES)
+
+
 def test_errors():
   x = jnp.zeros((1, 16, 2, 4))
   mesh = _one_device_mesh()
-  with pytest.raises(ValueError, match="does not support 'lsh'.*local"):
-    sequence_parallel_attention(ea.make_attention('lsh'), x, x, x, rng=None, mesh=mesh)
+  if UNSUPPORTED is not None:
+    with pytest.raises(ValueError, match=f"does not support '{UNSUPPORTED}'.*local"):
+      sequence_parallel_attention(ea.make_attention(UNSUPPORTED), x, x, x, rng=None, mesh=mesh)
   with pytest.raises(ValueError, match="no axis 'seq'"):
     sequence_parallel_attention(ea.make_attention('local'), x, x, x, mesh=mesh, axis='seq')
   with pytest.raises(ValueError, match='needs a mesh'):

@@ -16,7 +16,12 @@ from typing import Protocol
 
 import numpy as np
 
+# The task kinds: how a batch is shaped and scored. The one definition; the models (one head per kind)
+# and the objectives import it.
 KINDS = ('classify', 'pair', 'lm')
+# The three splits every task provides, in this order. Generated tasks derive one seed per split
+# (`splits.split_seed`); validation always comes from training data, never from test.
+SPLITS = ('train', 'validation', 'test')
 
 
 class Split(Protocol):

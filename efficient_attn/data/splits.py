@@ -1,14 +1,52 @@
 """In-memory `Split`s over compactly stored token arrays, and the helpers that build them.
 
+Every task derives its splits and seeds here: generated tasks seed each split with
+`split_seed(seed, split)`; validation is a seeded carve-out of training data (`carve_validation`), a
+source without a test split gets a seeded one (`carve_test`), and `limit_examples` caps a split at a
+seeded random subset. Data-size options are checked by `check_count`, whose messages name the
+config field to set.
+
 Tokens are stored as small unsigned codes (uint8 bytes / pixels / ListOps ids) plus a length per
 sequence, and turned into int32 ids, bool masks and labels only for the rows a batch asks for: ListOps
 at 96K x 2000 is 192 MB as uint8 but 768 MB as int32.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
+
+from efficient_attn.data.base import SPLITS
+
+# Salts of the seeded draws below: each derives its own stream from the task's `seed`, so the
+# validation carve-out, the test carve-out, the example caps and the per-split generators never share
+# random numbers.
+_VALIDATION_SALT = 0x7A11D
+_TEST_SALT = 0x7E57
+_LIMIT_SALT = 0x11A17
+_SPLIT_SEED_SALT = 0x115707
+
+
+def _where(task: str | None, name: str) -> str:
+  """How a message names a data option: 'listops: config.data.num_train', or just the name."""
+  return f'{task}: config.data.{name}' if task else name
+
+
+def check_count(value: Any, *, name: str, minimum: int, task: str | None = None) -> int:
+  """`value` as an int; ValueError unless it is an integer >= minimum (bools are not).
+
+  With `task`, `value` is the data option `name`, and the message says which config field to set.
+  """
+  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+    raise ValueError(f'{_where(task, name)} must be an integer >= {minimum}, got {value!r}.')
+  return int(value)
+
+
+def split_seed(seed: int, split: str) -> int:
+  """The generator seed of `split` (one of base.SPLITS) for a generated task: distinct per split,
+  derived from the task's `seed` alone (ListOps, Pathfinder)."""
+  return int(np.random.SeedSequence([int(seed), _SPLIT_SEED_SALT,
+                                     SPLITS.index(split)]).generate_state(1)[0])
 
 
 def check_indices(indices: np.ndarray, num_examples: int) -> np.ndarray:
@@ -103,18 +141,37 @@ def pack_byte_strings(texts: Sequence[bytes], max_length: int) -> tuple[np.ndarr
   return codes, lengths
 
 
-def carve_validation(num_examples: int, num_validation: int, seed: int) -> tuple[np.ndarray,
-                                                                                  np.ndarray]:
+def _carve(num_examples: int, count: int, seed: int, salt: int, name: str, task: str | None,
+           source: str) -> tuple[np.ndarray, np.ndarray]:
+  if isinstance(count, bool) or not isinstance(count, (int, np.integer)) or not (
+      0 < count < num_examples):
+    most = num_examples - 1
+    fix = (f'; set config.data.{name} to at most {most} (e.g. --config.data.{name}='
+           f'{max(1, num_examples // 10)})' if task and most >= 1 else '')
+    raise ValueError(f'{_where(task, name)} must be in (0, {num_examples}) for {source} of '
+                     f'{num_examples} examples, got {count!r}{fix}.')
+  perm = np.random.default_rng([int(seed), salt]).permutation(num_examples)
+  return np.sort(perm[count:]), np.sort(perm[:count])
+
+
+def carve_validation(num_examples: int, num_validation: int, seed: int, *,
+                     task: str | None = None) -> tuple[np.ndarray, np.ndarray]:
   """A seeded random split of range(num_examples) into (train, validation) index arrays, each sorted.
 
   Validation is always carved from the training data (never the test split, which the LRA reference
-  code used for model selection).
+  code used for model selection). `task` names the task in the error message.
   """
-  if not 0 < num_validation < num_examples:
-    raise ValueError(f'num_validation must be in (0, {num_examples}) for a train split of '
-                     f'{num_examples} examples, got {num_validation}.')
-  perm = np.random.default_rng([int(seed), 0x7A11D]).permutation(num_examples)
-  return np.sort(perm[num_validation:]), np.sort(perm[:num_validation])
+  return _carve(num_examples, num_validation, seed, _VALIDATION_SALT, 'num_validation', task,
+                'a train split')
+
+
+def carve_test(num_examples: int, num_test: int, seed: int, *,
+               task: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+  """(rest, test): a seeded random test split, for a source without one (the LRA Pathfinder release).
+
+  Carve validation from `rest` with `carve_validation`, as for every other task.
+  """
+  return _carve(num_examples, num_test, seed, _TEST_SALT, 'num_test', task, 'a source')
 
 
 def limit_examples(indices: np.ndarray, max_examples: int | None, seed: int, tag: int) -> np.ndarray:
@@ -128,19 +185,20 @@ def limit_examples(indices: np.ndarray, max_examples: int | None, seed: int, tag
     raise ValueError(f'max_examples must be None or a positive integer, got {max_examples!r}.')
   if len(indices) <= max_examples:
     return indices
-  keep = np.random.default_rng([int(seed), 0x11A17, int(tag)]).choice(
+  keep = np.random.default_rng([int(seed), _LIMIT_SALT, int(tag)]).choice(
       len(indices), size=max_examples, replace=False)
   return np.asarray(indices)[np.sort(keep)]
 
 
 def choose_indices(num_train: int, num_test: int, *, num_validation: int, seed: int,
-                   max_examples: int | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                   max_examples: int | None,
+                   task: str | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """(train, validation, test) row indices for sources with only train and test splits.
 
   Validation is a seeded carve-out of the source's train split; `max_examples` then caps each split
   at a seeded random subset (for quick runs).
   """
-  train, validation = carve_validation(num_train, num_validation, seed)
+  train, validation = carve_validation(num_train, num_validation, seed, task=task)
   return (limit_examples(train, max_examples, seed, 0),
           limit_examples(validation, max_examples, seed, 1),
           limit_examples(np.arange(num_test), max_examples, seed, 2))

@@ -5,7 +5,7 @@
 - ListOps: '0'..'9' -> 1..10, 'MIN' 11, 'MAX' 12, 'MED' 13, 'SM' 14, '[' 15, ']' 16; vocabulary 17.
   The brackets stay in the stream: without them the task is ambiguous (an early LRA tokenizer dropped
   them and made it unsolvable).
-- Pixels: id = intensity + 1 (1..256), vocabulary 257.
+- Pixels (Image, Pathfinder): id = intensity + 1 (1..256), vocabulary 257.
 
 Datasets store raw bytes / intensities as uint8 and add `BYTE_OFFSET` / `PIXEL_OFFSET` per batch, which
 halves memory against storing ids (256 does not fit in uint8).
