@@ -5,9 +5,11 @@ A config is an ml_collections.ConfigDict with these sections (each documented wh
   task       the task name ('listops', 'text', 'retrieval', 'image', 'pathfinder', 'lm')
   seed       model init, dropout/attention randomness and the training data order
   rng_impl   the jax.random implementation ('threefry2x32' or 'rbg')
-  data       `efficient_attn.data.default_data_config(task, quick)`
+  data       `efficient_attn.data.default_data_config(task, quick, tiny)`
   model      `efficient_attn.models.model_config_defaults()` set to the task's published sizes
-  attention  `efficient_attn.models.attention_config_defaults(name)`
+  attention  `efficient_attn.models.attention_config_defaults(name)`: `name` (the variant of every
+             layer), `options` (the options of `name` that are set; unset ones take the variant's
+             defaults) and `layer_overrides` ('3:full' or '0:local(window=8),-1:full')
   optimizer  AdamW with warmup and rsqrt or cosine decay, gradient clipping (`base_optimizer`)
   train      batch size, steps, logging/evaluation/checkpoint periods (`base_train`)
   mesh       device-mesh axis sizes: data, fsdp, tensor, sequence (-1 = all remaining devices)
@@ -15,10 +17,13 @@ A config is an ml_collections.ConfigDict with these sections (each documented wh
   sharding_rules   logical axis name -> mesh axes (efficient_attn.sharding.DEFAULT_RULES)
   sequence_parallel  split attention over the 'sequence' mesh axis when it is > 1
 
-Sources quoted in the task configs: "facts" is /work/shared/docs/reference-facts.md (the published LRA
-setups), "LRA repo" the google-research/long-range-arena configs (lra_benchmarks/*/configs), "LRA
-train.py" its training scripts (Adam beta1 0.9, beta2 0.98, eps 1e-9, decoupled weight decay, no gradient
-clipping, schedule `constant * linear_warmup * rsqrt_decay` for the text-like tasks).
+Sources quoted in the task configs: "the LRA paper" is Tay et al., "Long Range Arena: A Benchmark
+for Efficient Transformers", ICLR 2021 (Section 2 describes the tasks, the appendix their setups);
+"the LRA repo" is google-research/long-range-arena, its per-task configs
+(lra_benchmarks/<task>/configs/*.py, named in each config) and training scripts
+(lra_benchmarks/<task>/train.py: Adam with beta1 0.9, beta2 0.98, eps 1e-9, decoupled weight decay,
+no gradient clipping, and the learning-rate factors `constant * linear_warmup * rsqrt_decay` for the
+text-like tasks).
 """
 from __future__ import annotations
 
@@ -159,7 +164,7 @@ def base_config(task: str, arg: str | None) -> tuple[ml_collections.ConfigDict, 
   # 'threefry2x32' (JAX's default: portable across backends) or 'rbg' (compiles several times faster
   # on CPU and runs faster on accelerators; reproducible on one backend only).
   config.rng_impl = 'threefry2x32'
-  config.data = data_lib.default_data_config(task, quick=args.quick or args.tiny)
+  config.data = data_lib.default_data_config(task, quick=args.quick, tiny=args.tiny)
   config.model = models.model_config_defaults()
   config.attention = models.attention_config_defaults(args.attention)
   config.optimizer = base_optimizer()

@@ -3,11 +3,12 @@ r"""LRA Image: CIFAR-10 as a sequence of 1024 grayscale pixels (256 levels), 10 
   python train.py --config=configs/image.py:attention=local
   python train.py --config=configs/image.py:attention=local,quick
 
-Values follow facts (/work/shared/docs/reference-facts.md, "Task protocols: Image") and the LRA repo's
-image/configs/cifar10/base_cifar10_config.py and transformer_base.py. Where sources differ: revisions of
-the repo's Transformer config vary (emb 32 to 128, MLP 64 to 128, lr 2.5e-4 to 1e-3); we use the facts'
-model (1 layer, 8 heads, emb 128, dropout 0.3) with MLP 128 and the base config's optimisation
-(lr 5e-4, cosine, 1 epoch of warmup, no weight decay, 200 epochs of batch 256 = 35K steps).
+Values follow the LRA paper (Tay et al., ICLR 2021: Section 2 for the task, the appendix for the
+setup) and the LRA repo's lra_benchmarks/image/configs/cifar10/base_cifar10_config.py and
+transformer_base.py. Where sources differ: revisions of the repo's Transformer config vary (emb 32
+to 128, MLP 64 to 128, lr 2.5e-4 to 1e-3); we use one layer as the repo does, with 8 heads, emb 128,
+MLP 128 and dropout 0.3, and the base config's optimisation (lr 5e-4, cosine, 1 epoch of warmup, no
+weight decay, 200 epochs of batch 256 = 35K steps).
 """
 from __future__ import annotations
 
@@ -20,8 +21,8 @@ def get_config(arg: str | None = None):
   """Image config; `arg`: 'attention=<variant>', 'quick' or 'tiny' (see configs/common.py)."""
   config, args = common.base_config('image', arg)
 
-  # Model (facts; LRA repo transformer_base): 1 layer, 8 heads, emb 128, dropout 0.3, CLS pooling,
-  # learned positions.
+  # Model (LRA repo cifar10 configs, see the docstring): 1 layer, 8 heads, emb 128, dropout 0.3, CLS
+  # pooling, learned positions.
   config.model.num_layers = 1
   config.model.num_heads = 8
   config.model.emb_dim = 128

@@ -3,13 +3,14 @@ r"""LRA Pathfinder: are the two markers of a 32x32 image joined by a dashed cont
   python train.py --config=configs/pathfinder.py:attention=local
   python train.py --config=configs/pathfinder.py:attention=local,quick
 
-Values follow facts (/work/shared/docs/reference-facts.md, "Task protocols: Pathfinder") and the LRA
-repo's image/configs/pathfinder32/base_pathfinder32_config.py. Where sources differ: facts gives the
-repo model as 4 layers, 4 heads, emb 32, while revisions of the repo's transformer_base use 1 layer and
-emb 128; we use the facts' model, with MLP 64 (2 x emb) and the base config's mean pooling and fixed
-(sinusoidal) positions. Optimisation is the base config's: batch 512, lr 1e-3, one epoch of warmup then
-cosine decay over 200 epochs of 160K examples, no weight decay. The contour difficulty (the paper uses
-the hard split, contour length 14) is a data option (`config.data`).
+Values follow the LRA paper (Tay et al., ICLR 2021: Section 2 for the task, the appendix for the
+setup) and the LRA repo's lra_benchmarks/image/configs/pathfinder32/base_pathfinder32_config.py and
+transformer_base.py. Where sources differ: the repo's base config has 1 layer, 2 heads and emb 32,
+its transformer_base 1 layer, 4 heads and emb 128; we use 4 layers of 4 heads at the base config's
+width (emb 32; a deliberate deviation in depth), with MLP 64 (2 x emb) and the base config's mean
+pooling and fixed (sinusoidal) positions. Optimisation is the base config's: batch 512, lr 1e-3, one
+epoch of warmup then cosine decay over 200 epochs of 160K examples, no weight decay. The contour
+difficulty (the paper uses the hard split, contour length 14) is a data option (`config.data`).
 """
 from __future__ import annotations
 

@@ -3,12 +3,12 @@ r"""LRA Retrieval: do two ACL Anthology papers (4K bytes each) cite one another?
   python train.py --config=configs/retrieval.py:attention=bigbird
   python train.py --config=configs/retrieval.py:attention=bigbird,quick
 
-Values follow facts (/work/shared/docs/reference-facts.md, "Task protocols: Retrieval") and the LRA
-repo's matching/configs/base_match_config.py. Where sources differ: the paper combines the pooled
-vectors as [u, v, u*v, u-v], the repo code only concatenated them; our model does the former (a model
-property, see efficient_attn/models). The repo's warmup (8000 steps) is longer than its run (5000
-steps), so its learning rate never stops rising (it ends at 0.05 * 5000 / 8000 / sqrt(8000) ~ 3.5e-4);
-we keep that schedule as published.
+Values follow the LRA paper (Tay et al., ICLR 2021: Section 2 for the task, the appendix for the
+setup) and the LRA repo's lra_benchmarks/matching/configs/base_match_config.py. Where sources
+differ: the paper combines the pooled vectors as [u, v, u*v, u-v], the repo code only concatenated
+them; our model does the former (a model property, see efficient_attn/models). The repo's warmup
+(8000 steps) is longer than its run (5000 steps), so its learning rate never stops rising (it ends
+at 0.05 * 5000 / 8000 / sqrt(8000) ~ 3.5e-4); we keep that schedule as published.
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ def get_config(arg: str | None = None):
   """Retrieval config; `arg`: 'attention=<variant>', 'quick' or 'tiny' (see configs/common.py)."""
   config, args = common.base_config('retrieval', arg)
 
-  # Model (facts; LRA repo base_match_config): 4 layers, 4 heads, emb 128, MLP 512, CLS pooling.
+  # Model (LRA repo base_match_config): 4 layers, 4 heads, emb 128, MLP 512, CLS pooling.
   config.model.num_layers = 4
   config.model.num_heads = 4
   config.model.emb_dim = 128

@@ -3,11 +3,12 @@ r"""LRA Text: IMDB sentiment (2 classes) from raw bytes.
   python train.py --config=configs/text.py:attention=local
   python train.py --config=configs/text.py:attention=local,quick
 
-Values follow facts (/work/shared/docs/reference-facts.md, "Task protocols: Text") and the LRA repo's
-text_classification/configs/base_tc_config.py. Where sources differ: the repo config truncates reviews
-to 1K bytes, the paper to up to 4K; the length is the data config's (`config.data`), see
-efficient_attn/data. The reference code validated on the test split; we validate on a seeded carve-out
-of train (the data pipeline's job) and report test once, with the best validation checkpoint.
+Values follow the LRA paper (Tay et al., ICLR 2021: Section 2 for the task, the appendix for the
+setup) and the LRA repo's lra_benchmarks/text_classification/configs/base_tc_config.py. Where
+sources differ: the repo config truncates reviews to 1K bytes, the paper to up to 4K; the length is
+the data config's (`config.data`), see efficient_attn/data. The reference code validated on the test
+split; we validate on a seeded carve-out of train (the data pipeline's job) and report test once,
+with the best validation checkpoint.
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ def get_config(arg: str | None = None):
   """Text config; `arg`: 'attention=<variant>', 'quick' or 'tiny' (see configs/common.py)."""
   config, args = common.base_config('text', arg)
 
-  # Model (facts; LRA repo base_tc_config): 4 layers, 4 heads, emb 256, MLP 1024, CLS pooling.
+  # Model (LRA repo base_tc_config): 4 layers, 4 heads, emb 256, MLP 1024, CLS pooling.
   config.model.num_layers = 4
   config.model.num_heads = 4
   config.model.emb_dim = 256

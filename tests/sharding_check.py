@@ -55,14 +55,9 @@ def build(variants: tuple[str, ...], length: int = LENGTH, model: dict | None = 
   """(graphdef, model state) of the tiny classifier; layer i uses variants[i % len(variants)], so
   one 2-layer model (one compilation) covers two variants."""
   attention = models.attention_config_defaults(variants[0])
-  for key, value in OPTIONS.get(variants[0], {}).items():
-    if key in attention.options:
-      attention.options[key] = value
-  for name in set(variants[1:]):
-    for key, value in OPTIONS.get(name, {}).items():
-      if key in attention.variant_options[name]:
-        attention.variant_options[name][key] = value
-  attention.layer_overrides = ','.join(f'{i}:{name}' for i, name in enumerate(variants) if i)
+  attention.options.update(OPTIONS.get(variants[0], {}))
+  attention.layer_overrides = ','.join(f'{i}:{models.variant_spec(name, OPTIONS.get(name))}'
+                                       for i, name in enumerate(variants) if i)
   rngs = nnx.Rngs(params=0, dropout=1, attention=2)
   net = models.create_model({**MODEL, **(model or {})}, attention, kind='classify',
                             vocab_size=VOCAB, num_classes=CLASSES, max_length=length, rngs=rngs)

@@ -77,7 +77,108 @@ def test_attention_argument_gives_the_variant_with_its_defaults(name):
   assert config.attention.name == name
   attentions = models.resolve_layer_attentions(config.attention, config.model.num_layers)
   assert {a.name for a in attentions} == {name}
+  assert attentions[0] == ea.make_attention(name)  # every option at the variant's default
   assert train_lib.variant_name(config) == name
+  # The defaults are discoverable: listed by describe_options (and so by every option error).
+  described = models.describe_options(name)
+  for option, default in models.variant_option_defaults(name).items():
+    assert f'{option}={default!r}' in described
+    assert getattr(attentions[0], option) == default
+
+
+def test_attention_options_hold_only_what_is_set():
+  """config.attention.options has every option of every variant, unset (None) until set."""
+  config = listops.get_config('attention=local,quick')
+  for name in ea.ATTENTION_NAMES:
+    assert set(models.variant_option_defaults(name)) <= set(config.attention.options.keys())
+  assert all(value is None for value in config.attention.options.values())
+  assert 'variant_options' not in config.attention
+
+
+# -- the attention knob from the command line ------------------------------------------------------
+
+
+def cli_config(argv):
+  """The config train.py builds from `argv` (config_flags, in process), checked like train.py."""
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+  values, argv = flags.FlagValues(), ['train.py', *argv]
+  config_flags.DEFINE_config_file('config', None, flag_values=values, lock_config=True,
+                                  sys_argv=argv)
+  values(argv)
+  config = values.config
+  train_lib.check_config(config)
+  return config, models.resolve_layer_attentions(config.attention, config.model.num_layers)
+
+
+LISTOPS = os.path.join(REPO, 'configs', 'listops.py')
+
+
+@pytest.mark.parametrize('argv, want', [
+    # The variant changes after the config argument picked another (formerly: "Unknown option(s)
+    # 'window' for attention 'bigbird'").
+    ([f'--config={LISTOPS}:attention=local,tiny', '--config.attention.name=bigbird'],
+     [('bigbird', {'block_size': 64})]),
+    # Options before or after the name, in any order.
+    ([f'--config={LISTOPS}:tiny', '--config.attention.options.window=8',
+      '--config.attention.name=local'], [('local', {'window': 8})]),
+    ([f'--config={LISTOPS}:tiny', '--config.attention.name=local',
+      '--config.attention.options.window=8', '--config.attention.options.block_size=4'],
+     [('local', {'window': 8, 'block_size': 4})]),
+    # Tuples (and an int-or-tuple option, either way).
+    ([f'--config={LISTOPS}:attention=dilated,tiny', "--config.attention.options.dilation=(1,2)"],
+     [('dilated', {'dilation': (1, 2)})]),
+    ([f'--config={LISTOPS}:attention=dilated,tiny', '--config.attention.options.dilation=3'],
+     [('dilated', {'dilation': 3})]),
+    ([f'--config={LISTOPS}:attention=longformer,tiny',
+      "--config.attention.options.global_tokens=(0,5)"], [('longformer', {'global_tokens': (0, 5)})]),
+    ([f'--config={LISTOPS}:attention=bigbird,tiny', '--config.attention.options.global_blocks=(0,)',
+      '--config.attention.options.implementation=xla'],
+     [('bigbird', {'global_blocks': (0,), 'implementation': 'xla'})]),
+    # Per-layer overrides carry their own options; the base options do not apply to them.
+    ([f'--config={LISTOPS}:attention=local,tiny', '--config.model.num_layers=3',
+      '--config.attention.options.window=5',
+      "--config.attention.layer_overrides=0:dilated(window=2, dilation=(1, 2)),-1:full"],
+     [('dilated', {'window': 2, 'dilation': (1, 2)}), ('local', {'window': 5}), ('full', {})]),
+])
+def test_attention_knob_from_the_command_line(argv, want):
+  _, attentions = cli_config(argv)
+  assert [a.name for a in attentions] == [name for name, _ in want]
+  for attention, (_, options) in zip(attentions, want):
+    for key, value in options.items():
+      assert getattr(attention, key) == value, (attention, key)
+
+
+@pytest.mark.parametrize('argv, match', [
+    # Formerly `Config error: "'window'"`.
+    ([f'--config={LISTOPS}:attention=bigbird,tiny', '--config.attention.options.window=8'],
+     r"attention option 'window' is not an option of 'bigbird' \(its options, with defaults: "
+     r"block_size=64, num_random_blocks=3, global_blocks=\(0, -1\), implementation='auto'\); "
+     r"set attention.name to a variant that has it, or leave attention.options.window unset"),
+    ([f'--config={LISTOPS}:attention=local,tiny', '--config.model.num_layers=2',
+      '--config.attention.layer_overrides=1:bigbird(window=8)'],
+     r"layer 1 .*'window' is not an option of 'bigbird' .*remove it from attention.layer_overrides"),
+    ([f'--config={LISTOPS}:tiny', '--config.attention.layer_overrides=0:local(8)'],
+     'write them as option=value pairs'),
+    ([f'--config={LISTOPS}:tiny', '--config.attention.name=nope'], "unknown attention 'nope'"),
+    ([f'--config={LISTOPS}:attention=dilated,tiny', '--config.attention.options.dilation=(1,0)'],
+     r"layer 0 \('dilated', options \{'dilation': \(1, 0\)\}\): dilated: dilation must be"),
+])
+def test_attention_knob_errors_say_what_to_write(argv, match):
+  with pytest.raises(ValueError, match=match):
+    cli_config(argv)
+
+
+def test_options_keep_their_types_and_old_fields_say_what_replaced_them():
+  config = listops.get_config('attention=local,tiny')
+  with pytest.raises(TypeError):
+    config.attention.options.window = 'eight'
+  with pytest.raises(ValueError, match=r"layer_overrides='3:local\(window=8\)'"):
+    models.resolve_layer_attentions({'name': 'full', 'variant_options': {}}, 1)
+  assert models.variant_spec('local', {'window': 8, 'block_size': None}) == (
+      'local(window=8, block_size=None)')
+  assert models.layer_override_specs(' 0:local(window=8) , -1:full ', 4) == {
+      0: ('local', {'window': 8}), 3: ('full', {})}
 
 
 def test_unknown_variant_is_a_clear_error():
