@@ -20,27 +20,25 @@ import numpy as np
 import optax
 from flax import nnx
 
+import efficient_attn as ea
 from efficient_attn import models
 from efficient_attn import objectives
 from efficient_attn import sharding
 from efficient_attn import train_state as ts
+from efficient_attn.attention import api
 from efficient_attn.attention import sequence_parallel
 
-# Small options so the sparse paths run at length 64 (8 positions per shard at sequence=8).
-OPTIONS = {
-    'chunked': {'query_chunk': 16, 'key_chunk': 16},
-    'local': {'window': 4},
-    'dilated': {'window': 2, 'dilation': 2},
-    'longformer': {'window': 4, 'global_tokens': (0, 9)},
-    'strided': {'stride': 4},
-    'fixed': {'stride': 4, 'summary': 2},
-    'bigbird': {'block_size': 4, 'num_random_blocks': 1},
-    'lsh': {'bucket_size': 8},
-}
-ALL = ('full', 'chunked', 'local', 'dilated', 'longformer', 'strided', 'fixed', 'bigbird', 'lsh')
-# Two variants per 2-layer model (layer 0, layer 1): all nine in five models.
+# Two variants per 2-layer model (layer 0, layer 1): every registered variant in nine models.
 PAIRS = [('full', 'chunked'), ('local', 'dilated'), ('longformer', 'strided'), ('fixed', 'bigbird'),
-         ('lsh', 'full')]
+         ('lsh', 'full'), ('block_local', 'linear'), ('performer', 'nystrom'),
+         ('linformer', 'sinkhorn'), ('synthesizer', 'full')]
+assert {v for p in PAIRS for v in p} == set(ea.ATTENTION_NAMES), 'a variant is missing from PAIRS'
+
+
+def small_options(name: str) -> dict:
+  """The variant's options for tens of tokens (4 heads), so the sparse paths run at length 64."""
+  return api.variant_class(name).small_options(heads=MODEL['num_heads'])
+
 LENGTH, BATCH, VOCAB, CLASSES = 64, 8, 16, 4
 MODEL = {'num_layers': 2, 'num_heads': 4, 'emb_dim': 32, 'mlp_dim': 64, 'classifier_dim': 32,
          'dropout_rate': 0.0, 'pooling': 'mean', 'positional': 'learned'}
@@ -55,8 +53,8 @@ def build(variants: tuple[str, ...], length: int = LENGTH, model: dict | None = 
   """(graphdef, model state) of the tiny classifier; layer i uses variants[i % len(variants)], so
   one 2-layer model (one compilation) covers two variants."""
   attention = models.attention_config_defaults(variants[0])
-  attention.options.update(OPTIONS.get(variants[0], {}))
-  attention.layer_overrides = ','.join(f'{i}:{models.variant_spec(name, OPTIONS.get(name))}'
+  attention.options.update(small_options(variants[0]))
+  attention.layer_overrides = ','.join(f'{i}:{models.variant_spec(name, small_options(name))}'
                                        for i, name in enumerate(variants) if i)
   rngs = nnx.Rngs(params=0, dropout=1, attention=2)
   net = models.create_model({**MODEL, **(model or {})}, attention, kind='classify',

@@ -18,19 +18,7 @@ from configs import listops
 from efficient_attn import checkpointing
 from efficient_attn import metrics as metrics_lib
 from efficient_attn import train_lib
-
-# Small options so that the sparse paths (not a window wider than the sequence) run at 10-40 tokens.
-SMALL_OPTIONS = {
-    'chunked': {'query_chunk': 16, 'key_chunk': 16},
-    'local': {'window': 4},
-    'dilated': {'window': 2, 'dilation': 2},
-    'longformer': {'window': 4},
-    'strided': {'stride': 4},
-    'fixed': {'stride': 4, 'summary': 2},
-    'bigbird': {'block_size': 4, 'num_random_blocks': 1},
-    'lsh': {'bucket_size': 4},
-}
-
+from efficient_attn.attention import api
 
 @pytest.fixture(scope='module')
 def cache_dir(tmp_path_factory):
@@ -41,9 +29,9 @@ def tiny_config(cache_dir: str, attention: str = 'full', **train):
   config = listops.get_config(f'attention={attention},tiny')
   config.data.cache_dir = cache_dir
   config.train.progress_bar = False
-  for key, value in SMALL_OPTIONS.get(attention, {}).items():
-    if key in config.attention.options:
-      config.attention.options[key] = value
+  # The variant's own small options, so its sparse path (not a window wider than the sequence) runs.
+  config.attention.options.update(
+      api.variant_class(attention).small_options(heads=config.model.num_heads))
   for key, value in train.items():
     config.train[key] = value
   return config

@@ -14,7 +14,8 @@ from ml_collections import config_dict
 from efficient_attn.data import sources, tokenizers
 from efficient_attn.data.base import TaskData
 from efficient_attn.data.registry import register_task
-from efficient_attn.data.splits import TokenSplit, check_count, check_labels, choose_indices
+from efficient_attn.data.splits import (TokenSplit, check_count, check_labels, check_shared_options,
+                                         choose_indices)
 
 NUM_CLASSES = 10
 _DECODE_BATCH = 1_000
@@ -93,9 +94,7 @@ def check_data_config(c) -> None:
   """Raises ValueError naming the first invalid Image option (`c` holds every option); reads
   nothing."""
   check_count(c.num_validation, name='num_validation', minimum=1, task='image')
-  check_count(c.seed, name='seed', minimum=0, task='image')
-  if c.max_examples is not None:
-    check_count(c.max_examples, name='max_examples', minimum=1, task='image')
+  check_shared_options(c, 'image')
 
 
 @register_task('image', config=image_data_config)

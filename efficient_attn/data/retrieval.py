@@ -17,7 +17,8 @@ from efficient_attn.data import tokenizers
 from efficient_attn.data.base import TaskData
 from efficient_attn.data.registry import register_task
 from efficient_attn.data.sources import DataUnavailableError
-from efficient_attn.data.splits import TokenSplit, check_count, limit_examples
+from efficient_attn.data.splits import (TokenSplit, check_count, check_shared_options,
+                                         limit_examples)
 
 NUM_CLASSES = 2
 FILES = {'train': 'new_aan_pairs.train.tsv', 'validation': 'new_aan_pairs.eval.tsv',
@@ -108,11 +109,7 @@ def check_data_config(c) -> None:
   """Raises ValueError naming the first invalid Retrieval option (`c` holds every option); reads
   nothing."""
   check_count(c.max_length, name='max_length', minimum=2, task='retrieval')
-  check_count(c.seed, name='seed', minimum=0, task='retrieval')
-  if c.max_examples is not None:
-    check_count(c.max_examples, name='max_examples', minimum=1, task='retrieval')
-  if not isinstance(c.add_cls, bool):
-    raise ValueError(f'retrieval: config.data.add_cls must be True or False, got {c.add_cls!r}.')
+  check_shared_options(c, 'retrieval')
 
 
 @register_task('retrieval', config=retrieval_data_config)

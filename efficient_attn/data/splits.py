@@ -42,6 +42,17 @@ def check_count(value: Any, *, name: str, minimum: int, task: str | None = None)
   return int(value)
 
 
+
+def check_shared_options(c, task: str) -> None:
+  """Checks the data options several tasks share, where `c` has them: `seed` (int >= 0),
+  `max_examples` (None or int >= 1) and `add_cls` (bool). ValueError naming the config field."""
+  if 'seed' in c:
+    check_count(c.seed, name='seed', minimum=0, task=task)
+  if c.get('max_examples') is not None:
+    check_count(c.max_examples, name='max_examples', minimum=1, task=task)
+  if 'add_cls' in c and not isinstance(c.add_cls, bool):
+    raise ValueError(f'{task}: config.data.add_cls must be True or False, got {c.add_cls!r}.')
+
 def split_seed(seed: int, split: str) -> int:
   """The generator seed of `split` (one of base.SPLITS) for a generated task: distinct per split,
   derived from the task's `seed` alone (ListOps, Pathfinder)."""

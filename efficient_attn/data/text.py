@@ -13,8 +13,8 @@ from ml_collections import config_dict
 from efficient_attn.data import sources, tokenizers
 from efficient_attn.data.base import TaskData
 from efficient_attn.data.registry import register_task
-from efficient_attn.data.splits import (TokenSplit, check_count, check_labels, choose_indices,
-                                        pack_byte_strings)
+from efficient_attn.data.splits import (TokenSplit, check_count, check_labels, check_shared_options,
+                                         choose_indices, pack_byte_strings)
 
 NUM_CLASSES = 2
 
@@ -51,11 +51,7 @@ def check_data_config(c) -> None:
   """Raises ValueError naming the first invalid Text option (`c` holds every option); reads nothing."""
   check_count(c.max_length, name='max_length', minimum=2, task='text')
   check_count(c.num_validation, name='num_validation', minimum=1, task='text')
-  check_count(c.seed, name='seed', minimum=0, task='text')
-  if c.max_examples is not None:
-    check_count(c.max_examples, name='max_examples', minimum=1, task='text')
-  if not isinstance(c.add_cls, bool):
-    raise ValueError(f'text: config.data.add_cls must be True or False, got {c.add_cls!r}.')
+  check_shared_options(c, 'text')
 
 
 def _encode(dataset, indices: np.ndarray, width: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
