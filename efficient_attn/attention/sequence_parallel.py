@@ -37,7 +37,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from efficient_attn.attention import patterns as P
-from efficient_attn.attention.api import Attention, check_causal, check_padding_mask
+from efficient_attn.attention.api import Attention
 from efficient_attn.attention.dense import MASK_VALUE
 from efficient_attn.attention.blocks import (DEFAULT_BLOCK, all_blocks_layout, auto_block,
                                              fit_block, from_blocks, lse_from_blocks, pad_axis,
@@ -699,8 +699,9 @@ def sequence_parallel_attention(attn: Attention, q, k, v, *, padding_mask=None, 
   if attn.name not in _PLANS:
     raise ValueError(f'sequence_parallel_attention does not support {attn.name!r}; supported '
                      f'variants: {", ".join(SUPPORTED)}.')
-  attn._check_inputs(q, k, v, padding_mask)  # pylint: disable=protected-access
-  rng = attn._check_rng(rng)  # pylint: disable=protected-access
+  # The checks and the zeroing of padded positions of `attn(...)` itself (one mechanism for both).
+  q, k, v, mask, causal, rng, _ = attn._prepare(  # pylint: disable=protected-access
+      q, k, v, padding_mask, causal, rng, None)
   mesh = _resolve_mesh(mesh)
   if axis not in mesh.axis_names:
     raise ValueError(f'sequence_parallel_attention: mesh has no axis {axis!r}; its axes are '
@@ -715,11 +716,6 @@ def sequence_parallel_attention(attn: Attention, q, k, v, *, padding_mask=None, 
   # extra positions are masked) and the output is cut back.
   unit = attn.block_size if attn.name == 'bigbird' else 1
   s_run = round_up(n, size * unit) // size
-  causal = check_causal(attn.name, causal)
-  mask = check_padding_mask(attn.name, padding_mask, (b, n))
-  mask = jnp.ones((b, n), bool) if mask is None else mask
-  # Padded contents never matter (the contract): zero them once, as `Attention.__call__` does.
-  q, k, v = (jnp.where(mask[:, :, None, None], x, jnp.zeros((), x.dtype)) for x in (q, k, v))
   sh = Shard(axis=axis, size=size, length=s_run, impl=attn.impl)
   run, replicated = _PLANS[attn.name](attn, n=n, sh=sh, causal=causal, heads=heads, rng=rng)
 

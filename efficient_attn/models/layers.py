@@ -168,7 +168,7 @@ def evaluation_key(stream_key: jax.Array) -> jax.Array:
 def unsplit_reason(attention: Attention, length: int, size: int) -> str | None:
   """Why a layer with `attention` would run without sequence parallelism on a 'sequence' axis of
   `size` > 1 for a sequence of `length` (None: it is split)."""
-  if attention.learned or attention.name not in sequence_parallel.SUPPORTED:
+  if attention.name not in sequence_parallel.SUPPORTED:  # no plan: lsh, the learned variants, ...
     return 'the variant has no sequence-parallel plan'
   if length % size and attention.name == 'bigbird':
     return (f'its random block layout depends on the length, and {length} is not a multiple of '
