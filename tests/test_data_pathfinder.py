@@ -368,3 +368,22 @@ def test_module_command_line(tmp_path):
   bad = run('--time', '4', '--resolution', '48')
   assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1
   assert '--resolution' in bad.stderr
+
+
+def test_lra_empty_and_corrupt_images_are_skipped_and_counted(tmp_path, caplog):
+  """The release lists some 0-byte PNGs (LRA's pipeline filters them out): skipped, counted once."""
+  import logging  # pylint: disable=g-import-not-at-top
+  folder, images, labels = _write_lra(tmp_path / 'lra')
+  (folder / 'imgs' / '0' / 'sample_3.png').write_bytes(b'')
+  good = (folder / 'imgs' / '1' / 'sample_12.png').read_bytes()
+  (folder / 'imgs' / '1' / 'sample_12.png').write_bytes(good[:40])  # a truncated PNG
+  (folder / 'imgs' / '1' / 'sample_15.png').write_bytes(b'not a png at all')
+  with caplog.at_level(logging.WARNING):
+    read, read_labels = pf.read_lra(str(tmp_path / 'lra'), 32, 'hard')
+  kept = [k for k in range(len(images)) if k not in (3, 12, 15)]
+  np.testing.assert_array_equal(read, images[kept])
+  np.testing.assert_array_equal(read_labels, labels[kept])
+  lines = [r.getMessage() for r in caplog.records if 'Pathfinder: skipped' in r.getMessage()]
+  assert len(lines) == 1
+  assert 'skipped 3 of the 20 images' in lines[0]
+  assert '1 empty (0 bytes), 2 unreadable' in lines[0] and 'sample_3.png' in lines[0]

@@ -265,8 +265,39 @@ def test_image_grayscale_pixels_and_splits(tmp_path, cifar_saved):
   rgb = np.asarray(source['test'][0]['image'], np.float64)
   luma = rgb @ np.array([0.299, 0.587, 0.114])  # ITU-R 601-2
   assert np.abs(test['inputs'][0] - 1 - luma.reshape(-1)).max() <= 1
+  # LRA's grayscale (tf.image.rgb_to_grayscale), not PIL's convert('L').
   np.testing.assert_array_equal(test['inputs'][0] - 1,
-                                np.asarray(source['test'][0]['image'].convert('L')).reshape(-1))
+                                _lra_gray(np.asarray(source['test'][0]['image'])).reshape(-1))
+
+
+def _lra_gray(rgb: np.ndarray) -> np.ndarray:
+  """tf.image.rgb_to_grayscale of uint8 images, written out: convert_image_dtype to float32
+  (x / 255), a float32 weighted sum with (0.2989, 0.5870, 0.1140), convert_image_dtype back
+  (x * 255.5, then a cast, which truncates)."""
+  x = rgb.astype(np.float32) * np.float32(1 / 255)
+  weights = np.array([0.2989, 0.5870, 0.1140], np.float32)
+  gray = x[..., 0] * weights[0] + x[..., 1] * weights[1] + x[..., 2] * weights[2]
+  return np.trunc(gray * np.float32(255.5)).astype(np.uint8)
+
+
+def test_grayscale_is_lra_not_pil():
+  from efficient_attn.data import image  # pylint: disable=g-import-not-at-top
+  rgb = np.random.default_rng(3).integers(0, 256, (16, 16, 3), dtype=np.uint8)
+  rgb[0, :4] = [[0, 255, 0], [255, 255, 255], [0, 0, 0], [255, 0, 0]]
+  picture = Image.fromarray(rgb, 'RGB')
+  pil = np.asarray(picture.convert('L'))
+  ours = image.to_grayscale(picture)
+  np.testing.assert_array_equal(ours, _lra_gray(rgb))
+  np.testing.assert_array_equal(image.to_grayscale(rgb), ours)  # arrays as PIL images
+  assert ours[0, :4].tolist() == [149, 255, 0, 76] and pil[0, 0] == 150  # pure green: 149 vs 150
+  # Far from float rounding at a level boundary, the exact value floored (not rounded) is LRA's.
+  exact = rgb.astype(np.float64) / 255 @ np.array([0.2989, 0.5870, 0.1140]) * 255.5
+  clear = np.abs(exact - np.round(exact)) > 1e-3
+  np.testing.assert_array_equal(ours[clear], np.floor(exact[clear]))
+  assert (ours != pil).mean() > 0.1  # about a quarter of the pixels differ from PIL's
+  gray = np.arange(256, dtype=np.uint8).reshape(16, 16)
+  np.testing.assert_array_equal(image.to_grayscale(Image.fromarray(gray, 'L')), gray)
+  np.testing.assert_array_equal(_lra_gray(np.stack([gray] * 3, -1)), gray)  # gray stays gray
 
 
 def test_image_missing_data_gives_one_clear_error(tmp_path):

@@ -1,9 +1,14 @@
 """Image (LRA): CIFAR-10 as a sequence of 1024 grayscale pixels, 10 classes.
 
-Colour images become grayscale with the ITU-R 601-2 luma transform, L = R 299/1000 + G 587/1000 +
-B 114/1000 (what PIL's `convert('L')` computes), and are read row by row; token = intensity + 1. The
-LRA split is 45K train / 5K validation / 10K test: validation is a seeded carve-out of the 50K train
-images.
+Colour images become grayscale as LRA's pipeline makes them
+(`lra_benchmarks/image/input_pipeline.py` calls `tf.image.rgb_to_grayscale` on the uint8 image): in
+float32, x = pixel * (1/255), then L = 0.2989 R + 0.5870 G + 0.1140 B, then uint8(L * 255.5)
+truncated. PIL's `convert('L')` (rounded
+integer weights 299/587/114 per mille) differs by one level on about a quarter of CIFAR's pixels.
+Images are read row by row; token = intensity + 1 (LRA fed the intensity itself, so its padding mask
+`inputs > 0` also hid every black pixel; here no pixel is padding). The LRA split is 45K train / 5K
+validation / 10K test: validation is a seeded carve-out of the 50K train images (LRA took the last
+10%).
 """
 from __future__ import annotations
 
@@ -45,13 +50,46 @@ def image_data_config(quick: bool = False, tiny: bool = False) -> ml_collections
   return c
 
 
+# tf.image.rgb_to_grayscale's weights and its uint8 -> float32 -> uint8 conversions
+# (tf.image.convert_image_dtype: multiply by 1/255; back: multiply by 255 + 0.5, then cast, which
+# truncates).
+_LRA_RGB_WEIGHTS = np.array([0.2989, 0.5870, 0.1140], np.float32)
+_TO_FLOAT = np.float32(1 / 255)
+_TO_UINT8 = np.float32(255.5)
+_GRAY_MODES = ('L', 'LA', 'I', 'I;16', 'F', '1')
+
+
+def rgb_to_grayscale(rgb: np.ndarray) -> np.ndarray:
+  """uint8 [..., 3] RGB to uint8 [...] grayscale, as tf.image.rgb_to_grayscale computes it.
+
+  The weighted sum runs in float32 in channel order; TF's tensordot may fuse the multiply-adds,
+  which changes the result for 31-48 of the 2^24 RGB triples by one level (float rounding at a level
+  boundary).
+  """
+  x = np.asarray(rgb, np.uint8).astype(np.float32) * _TO_FLOAT
+  w = _LRA_RGB_WEIGHTS
+  gray = x[..., 0] * w[0] + x[..., 1] * w[1] + x[..., 2] * w[2]
+  return (gray * _TO_UINT8).astype(np.uint8)  # in [0, 255.48): the cast truncates, never wraps
+
+
 def to_grayscale(image) -> np.ndarray:
-  """A PIL image (any mode) or an array [H, W(, 3|4)] as uint8 [H, W] (ITU-R 601-2 luma)."""
+  """A PIL image (any mode) or a uint8 array [H, W(, 3|4)] as uint8 [H, W].
+
+  Colour (RGB, RGBA without its alpha, palette, ...) as LRA's tf.image.rgb_to_grayscale
+  (`rgb_to_grayscale`); grayscale images keep their values (8-bit 'L' exactly; others via PIL).
+  """
   if isinstance(image, np.ndarray):
-    # Route arrays through PIL too, so both inputs get PIL's exact integer rounding.
-    from PIL import Image  # pylint: disable=g-import-not-at-top
-    image = Image.fromarray(np.asarray(image, np.uint8))
-  return np.asarray(image.convert('L'), dtype=np.uint8)
+    x = np.asarray(image)
+    if x.ndim == 2:
+      return x.astype(np.uint8)
+    if x.ndim == 3 and x.shape[-1] in (3, 4):
+      return rgb_to_grayscale(x[..., :3])
+    raise ValueError(f'image: an image array must be [H, W] or [H, W, 3|4], got shape {x.shape}.')
+  if image.mode == 'L':
+    return np.asarray(image, dtype=np.uint8)
+  if image.mode in _GRAY_MODES:
+    return np.asarray(image.convert('L'), dtype=np.uint8)
+  return rgb_to_grayscale(np.asarray(image.convert('RGB')))
 
 
 def _image_column(dataset) -> str:

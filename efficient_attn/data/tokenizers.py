@@ -2,9 +2,13 @@
 
 - Bytes: id = byte + 1 (1..256), vocabulary 257; an optional classification token gets id 257
   (vocabulary 258 then).
-- ListOps: '0'..'9' -> 1..10, 'MIN' 11, 'MAX' 12, 'MED' 13, 'SM' 14, '[' 15, ']' 16; vocabulary 17.
-  The brackets stay in the stream: without them the task is ambiguous (an early LRA tokenizer dropped
-  them and made it unsolvable).
+- ListOps: LRA's tokens (`lra_benchmarks/listops/input_pipeline.py`): parentheses dropped, then one
+  token per whitespace-separated word, an operator with its opening bracket ('[MIN') as one token:
+  '0'..'9' -> 1..10, '[MIN' 11, '[MAX' 12, '[MED' 13, '[SM' 14, ']' 15, and id 16 reserved for LRA's out-of-vocabulary
+  word, so the vocabulary is 17 as LRA's (`encoder.vocab_size`). LRA renames ']' to 'X' (its
+  TokenTextEncoder would drop a bare ']') and numbers its 15 words in the order of a Python set, which
+  changes from process to process; we fix the order above and reject unknown words instead of mapping
+  them to the reserved id (which so never occurs in our data).
 - Pixels (Image, Pathfinder): id = intensity + 1 (1..256), vocabulary 257.
 
 Datasets store raw bytes / intensities as uint8 and add `BYTE_OFFSET` / `PIXEL_OFFSET` per batch, which
@@ -25,12 +29,13 @@ BYTE_CLS_ID = 257  # only used with add_cls; the vocabulary is then BYTE_VOCAB_S
 PIXEL_OFFSET = 1
 PIXEL_VOCAB_SIZE = 257
 
-LISTOPS_OPERATORS = ('MIN', 'MAX', 'MED', 'SM')
-LISTOPS_SYMBOLS = tuple(str(d) for d in range(10)) + LISTOPS_OPERATORS + ('[', ']')
-LISTOPS_IDS = {sym: i + 1 for i, sym in enumerate(LISTOPS_SYMBOLS)}
-LISTOPS_VOCAB_SIZE = len(LISTOPS_SYMBOLS) + 1
-LISTOPS_OPEN_ID = LISTOPS_IDS['[']
-LISTOPS_CLOSE_ID = LISTOPS_IDS[']']
+LISTOPS_OPERATORS = ('[MIN', '[MAX', '[MED', '[SM')  # an operator and its opening bracket
+LISTOPS_CLOSE = ']'
+LISTOPS_TOKENS = tuple(str(d) for d in range(10)) + LISTOPS_OPERATORS + (LISTOPS_CLOSE,)
+LISTOPS_IDS = {tok: i + 1 for i, tok in enumerate(LISTOPS_TOKENS)}
+LISTOPS_OOV_ID = len(LISTOPS_TOKENS) + 1  # reserved as in LRA's encoder; never produced here
+LISTOPS_VOCAB_SIZE = len(LISTOPS_TOKENS) + 2  # + padding + out-of-vocabulary: 17, as LRA's
+LISTOPS_CLOSE_ID = LISTOPS_IDS[LISTOPS_CLOSE]
 LISTOPS_OPERATOR_IDS = tuple(LISTOPS_IDS[op] for op in LISTOPS_OPERATORS)
 LISTOPS_DIGIT_OFFSET = 1  # id of digit d is d + 1
 
@@ -64,40 +69,42 @@ def decode_bytes(ids: Iterable[int]) -> bytes:
 
 
 def split_listops(text: str) -> list[str]:
-  """Splits a ListOps string into symbols; '[MAX' (the LRA spelling) becomes '[', 'MAX'.
+  """LRA's ListOps tokens of `text`: '( ( [MAX 2 ) 9 ) ] )' -> ['[MAX', '2', '9', ']'].
 
-  Parentheses, which the LRA TSV files carry from printing nested tuples, are dropped.
+  Parentheses (the LRA TSV files carry them from printing nested tuples) are dropped and the rest is
+  split at whitespace, as LRA's input pipeline does; words are not checked here (encode_listops
+  checks them).
   """
-  symbols = []
-  for word in text.replace('(', ' ').replace(')', ' ').split():
-    if word.startswith('[') and len(word) > 1:
-      symbols.extend(['[', word[1:]])
-    else:
-      symbols.append(word)
-  return symbols
+  return text.replace('(', ' ').replace(')', ' ').split()
 
 
-def encode_listops(symbols: str | Iterable[str]) -> np.ndarray:
-  """ListOps ids, int32 [n], of a string ('[MAX 2 [MIN 3 4 ] ]') or a sequence of symbols."""
-  if isinstance(symbols, str):
-    symbols = split_listops(symbols)
+def encode_listops(tokens: str | Iterable[str]) -> np.ndarray:
+  """ListOps ids, int32 [n], of a string ('[MAX 2 [MIN 3 4 ] ]', parentheses allowed) or of tokens.
+
+  ValueError for a word that is not one of LISTOPS_TOKENS (LRA's encoder would map it to its unused
+  out-of-vocabulary id).
+  """
+  if isinstance(tokens, str):
+    tokens = split_listops(tokens)
   ids = []
-  for sym in symbols:
-    if sym not in LISTOPS_IDS:
-      raise ValueError(f'Unknown ListOps symbol {sym!r}; valid symbols: {" ".join(LISTOPS_SYMBOLS)}.')
-    ids.append(LISTOPS_IDS[sym])
+  for tok in tokens:
+    if tok not in LISTOPS_IDS:
+      raise ValueError(f'Unknown ListOps token {tok!r}; valid tokens: {" ".join(LISTOPS_TOKENS)} '
+                       "(an operator is written with its bracket, as in LRA's files: "
+                       "'[MAX 2 9 ]').")
+    ids.append(LISTOPS_IDS[tok])
   return np.asarray(ids, dtype=np.int32)
 
 
 def decode_listops(ids: Iterable[int]) -> list[str]:
-  """Symbols of ListOps ids, padding dropped."""
+  """Tokens of ListOps ids, padding dropped."""
   out = []
   for i in np.asarray(list(ids) if not isinstance(ids, np.ndarray) else ids).ravel().tolist():
     if i == PAD_ID:
       continue
-    if not 1 <= i < LISTOPS_VOCAB_SIZE:
-      raise ValueError(f'Invalid ListOps id {i}; ids are in [0, {LISTOPS_VOCAB_SIZE}).')
-    out.append(LISTOPS_SYMBOLS[i - 1])
+    if not 1 <= i <= len(LISTOPS_TOKENS):
+      raise ValueError(f'Invalid ListOps id {i}; ids are 0 (padding) and 1..{len(LISTOPS_TOKENS)}.')
+    out.append(LISTOPS_TOKENS[i - 1])
   return out
 
 
