@@ -9,6 +9,8 @@ transformer_base.py. Where sources differ: revisions of the repo's Transformer c
 to 128, MLP 64 to 128, lr 2.5e-4 to 1e-3); we use one layer as the repo does, with 8 heads, emb 128,
 MLP 128 and dropout 0.3, and the base config's optimisation (lr 5e-4, cosine, 1 epoch of warmup, no
 weight decay, 200 epochs of batch 256 = 35K steps).
+The default (no `quick`/`tiny`) is that setup, checked against efficient_attn/lra_reference.py by
+tests/test_configs.py.
 """
 from __future__ import annotations
 
@@ -53,4 +55,4 @@ def get_config(arg: str | None = None):
     config.optimizer.learning_rate = 1e-3
   if args.tiny:
     common.tiny(config)
-  return common.finalize(config)
+  return common.finalize(config, args)

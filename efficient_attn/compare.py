@@ -78,8 +78,19 @@ def _number(x: Any, fmt: str) -> str:
   return 'n/a' if x is None else format(x, fmt)
 
 
-def markdown_table(runs: Sequence[RunSummary]) -> str:
-  """One row per run: variant, test metric of the best checkpoint, speed, memory, parameters."""
+def _memory(results: dict[str, Any]) -> str:
+  """Peak device memory, else (CPU: the device reports none) the process's peak resident memory."""
+  if results.get('peak_memory_bytes') is not None or results.get('host_memory_bytes') is None:
+    return _bytes(results.get('peak_memory_bytes'))
+  return f'{_bytes(results["host_memory_bytes"])} (host)'
+
+
+def markdown_table(runs: Sequence[RunSummary], notes: dict[str, str] | None = None) -> str:
+  """One row per run: variant, test metric of the best checkpoint, speed, memory, parameters.
+
+  `notes` maps a workdir to what its test cell says while it has no result (e.g. 'failed (exit
+  3)'; default 'unfinished').
+  """
   header = ('| run | task | variant | test accuracy / bits per byte | best step | steps/s | tokens/s '
             '| peak memory | parameters |')
   lines = [header, '|' + '---|' * 9]
@@ -87,7 +98,7 @@ def markdown_table(runs: Sequence[RunSummary]) -> str:
     r = run.results or {}
     test = r.get(f'test/{run.metric}')
     if test is None:
-      test_text = 'unfinished'
+      test_text = (notes or {}).get(run.workdir, 'unfinished')
     elif run.metric == 'accuracy':
       test_text = f'{100 * test:.2f}%'
     else:
@@ -95,7 +106,7 @@ def markdown_table(runs: Sequence[RunSummary]) -> str:
     lines.append('| ' + ' | '.join([
         os.path.basename(os.path.normpath(run.workdir)), run.task, run.variant, test_text,
         _number(r.get('best_step'), 'd'), _number(r.get('steps_per_sec'), '.2f'),
-        _number(r.get('tokens_per_sec'), ',.0f'), _bytes(r.get('peak_memory_bytes')),
+        _number(r.get('tokens_per_sec'), ',.0f'), _memory(r),
         _number(r.get('num_params'), ',d')]) + ' |')
   return '\n'.join(lines) + '\n'
 

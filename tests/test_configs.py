@@ -11,6 +11,7 @@ import pytest
 import efficient_attn as ea
 from configs import common
 from configs import image, listops, lm, pathfinder, retrieval, text
+from efficient_attn import lra_reference
 from efficient_attn import models
 from efficient_attn import optimization
 from efficient_attn import train_lib
@@ -196,6 +197,48 @@ def test_config_is_locked_against_typos_but_fields_can_be_set():
   assert config.train.steps == 3
 
 
+LRA_TASKS = sorted(lra_reference.SETUPS)
+
+
+def _field(config, dotted):
+  node = config
+  for key in dotted.split('.'):
+    node = node[key]
+  return node
+
+
+@pytest.mark.parametrize('task', LRA_TASKS)
+def test_lra_protocol_config_is_the_published_setup(task):
+  """The default config (the sweep's `lra` protocol) holds every value of the independent record in
+  efficient_attn/lra_reference.py (the configs keep their own literals and never read it)."""
+  setup = lra_reference.SETUPS[task]
+  config = TASK_CONFIGS[task].get_config()
+  expected = setup.expected()
+  assert {'model.num_layers', 'model.num_heads', 'model.emb_dim', 'model.mlp_dim',
+          'train.batch_size', 'train.steps', 'optimizer.warmup_steps',
+          'optimizer.learning_rate'} <= set(expected)
+  for field, value in expected.items():
+    got = _field(config, field)
+    if isinstance(value, float):
+      assert math.isclose(got, value, rel_tol=1e-12), (task, field, got, value)
+    else:
+      assert got == value and type(got) is type(value), (task, field, got, value)
+  # Deviations are few and say why; not-modelled settings are not config fields.
+  assert all(len(why) > 20 for _, why in setup.deviations.values())
+  assert not set(setup.not_modelled) & set(config.model.keys())
+
+
+def test_lra_record_matches_the_published_numbers_it_cites():
+  """Spot checks of the record itself against the LRA repo's config files (values restated here)."""
+  s = lra_reference.SETUPS
+  assert (s['listops'].model['num_layers'], s['listops'].model['mlp_dim']) == (4, 1024)
+  assert 'model.num_layers' in s['listops'].paper_differs  # the paper's 6 layers
+  assert (s['image'].steps, s['image'].warmup_steps) == (45_000 // 256 * 200, 45_000 // 256)
+  assert (s['pathfinder'].steps, s['pathfinder'].batch_size) == (160_000 // 512 * 200, 512)
+  assert math.isclose(s['listops'].peak_learning_rate, 0.05 / math.sqrt(1000))
+  assert s['image'].peak_learning_rate == 5e-4
+
+
 def test_listops_follows_the_lra_setup():
   c = listops.get_config()
   assert (c.model.num_layers, c.model.num_heads, c.model.emb_dim, c.model.mlp_dim) == (4, 8, 512,
@@ -225,6 +268,16 @@ def test_other_tasks_follow_their_published_sizes():
   assert i.optimizer.schedule == 'cosine' and i.model.dropout_rate == 0.3
   p = pathfinder.get_config()
   assert (p.model.num_layers, p.model.num_heads, p.model.emb_dim) == (4, 4, 32)
+
+
+def test_quick_and_tiny_keep_their_cheaper_documented_settings():
+  """The lra defaults changed positions (listops, text, retrieval) and pathfinder's MLP/dropout to
+  the published ones; the quick and tiny runs keep what they were measured with."""
+  for module in (listops, text, retrieval):
+    for arg in ('quick', 'tiny'):
+      assert module.get_config(arg).model.positional == 'learned', (module.__name__, arg)
+  q = pathfinder.get_config('quick')
+  assert (q.model.num_layers, q.model.mlp_dim, q.model.dropout_rate) == (2, 64, 0.1)
 
 
 # -- the command line ------------------------------------------------------------------------------
