@@ -12,6 +12,7 @@ A config is an ml_collections.ConfigDict with these sections (each documented wh
              defaults) and `layer_overrides` ('3:full' or '0:local(window=8),-1:full')
   optimizer  AdamW with warmup and rsqrt or cosine decay, gradient clipping (`base_optimizer`)
   train      batch size, steps, logging/evaluation/checkpoint periods (`base_train`)
+  pretrain   self-pretraining on the task's inputs before training (`base_pretrain`; off by default)
   mesh       device-mesh axis sizes: data, fsdp, tensor, sequence (-1 = all remaining devices)
   mesh_axis_types  'auto' or 'explicit' (jax.sharding.AxisType of every mesh axis)
   sharding_rules   logical axis name -> mesh axes (efficient_attn.sharding.DEFAULT_RULES)
@@ -40,8 +41,11 @@ from efficient_attn import sharding
 # The arguments every `get_config(arg)` understands, with their defaults (and so their types):
 #   attention=<variant>  every layer uses that variant, with the variant's default options;
 #   quick                CPU-sized: a small model and a run of minutes on 2 cores;
-#   tiny                 seconds: a toy model and a handful of steps, for tests and smoke checks.
-ARG_DEFAULTS = {'attention': 'full', 'quick': False, 'tiny': False}
+#   tiny                 seconds: a toy model and a handful of steps, for tests and smoke checks;
+#   pretrain             self-pretraining then fine-tuning in the same total number of steps: the
+#                        task's step budget (train.steps, as `quick`/`tiny` set it) is split in
+#                        half, pretrain.steps = train.steps // 2, train.steps the rest (`finalize`).
+ARG_DEFAULTS = {'attention': 'full', 'quick': False, 'tiny': False, 'pretrain': False}
 
 _TRUE = ('1', 'true', 'yes', 'on')
 _FALSE = ('0', 'false', 'no', 'off')
@@ -145,6 +149,32 @@ def base_train() -> ml_collections.ConfigDict:
   return c
 
 
+def base_pretrain() -> ml_collections.ConfigDict:
+  """Self-pretraining on the task's own training inputs, then fine-tuning (Amos, Berant and Gupta,
+  "Never Train from Scratch", ICLR 2024); efficient_attn/pretraining.py describes it in full.
+
+  Off by default (steps 0, no init_from). With steps > 0 a run first pretrains for `steps` updates
+  in <workdir>/pretrain/ (the best checkpoint: the lowest validation denoising loss), then trains on
+  the task for train.steps updates from the pretrained encoder under a new head. Both stages use
+  config.optimizer (each with its own warmup and decay over its steps) and the train.* batch sizes
+  and periods. Pretraining reads the inputs only, never the labels. Whenever pretraining is
+  configured, 'classify'/'pair' models reserve one more vocabulary id, [MASK] = the task's
+  vocab_size, in both stages.
+  """
+  c = ml_collections.ConfigDict()
+  c.steps = 0  # pretraining updates (0: none); the `pretrain` config argument sets half the budget
+  # 'auto': 'masked' for the bidirectional classify/pair models, 'causal' for 'lm'; 'masked'
+  # (denoising: masked positions predicted, the loss on them only); 'causal' (next token).
+  c.objective = 'auto'
+  c.mask_rate = 0.15  # expected fraction of real tokens masked (padding never is)
+  c.mean_span = 1.0  # mean masked-span length (geometric; 1 = single tokens, as BERT)
+  # A pretraining directory (<run>/pretrain or the <run> holding it): fine-tune from its best
+  # checkpoint instead of pretraining here (pretrain.steps is then not run). Same model sizes and
+  # learned attention weights required; weightless variants mix (pretrain full, fine-tune local).
+  c.init_from = ''
+  return c
+
+
 def base_config(task: str, arg: str | None) -> tuple[ml_collections.ConfigDict, ml_collections.ConfigDict]:
   """The config of `task` with every section at its default, and the parsed `arg`.
 
@@ -169,6 +199,7 @@ def base_config(task: str, arg: str | None) -> tuple[ml_collections.ConfigDict, 
   config.attention = models.attention_config_defaults(args.attention)
   config.optimizer = base_optimizer()
   config.train = base_train()
+  config.pretrain = base_pretrain()
   # Data parallel over every device by default; the other axes are there so that later sharding
   # rules (FSDP, tensor and sequence parallelism) only need new sizes, not a new config layout.
   config.mesh = ml_collections.ConfigDict({'data': -1, 'fsdp': 1, 'tensor': 1, 'sequence': 1})
@@ -223,7 +254,23 @@ def tiny(config: ml_collections.ConfigDict) -> None:
   config.optimizer.schedule = 'cosine'
 
 
-def finalize(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """Locks the config: overriding a field that does not exist (a typo) is then an error."""
+def finalize(config: ml_collections.ConfigDict,
+             args: ml_collections.ConfigDict | None = None) -> ml_collections.ConfigDict:
+  """Applies the `pretrain` argument and locks the config (overriding a field that does not exist,
+  a typo, is then an error).
+
+  `pretrain` splits the step budget the task config set: the scratch run's train.steps = N becomes
+  pretrain.steps = N // 2 and train.steps = N - N // 2, so pretraining + fine-tuning take the same
+  total number of updates as training from scratch (ListOps quick: 800 = 400 + 400; Pathfinder
+  quick: 300 = 150 + 150). Periods and warmup stay as set (each stage warms up over the same
+  optimizer.warmup_steps).
+  """
+  if args is not None and args.get('pretrain', False):
+    total = config.train.steps
+    if total < 2:
+      raise ValueError(f'the pretrain argument splits train.steps in two stages; {total} is too '
+                       'few.')
+    config.pretrain.steps = total // 2
+    config.train.steps = total - total // 2
   config.lock()
   return config

@@ -45,4 +45,4 @@ def get_config(arg: str | None = None):
     config.train.max_eval_batches = 10
   if args.tiny:
     common.tiny(config)
-  return common.finalize(config)
+  return common.finalize(config, args)

@@ -223,6 +223,20 @@ class Checkpointer:
                     metrics={'score': float(score)}, force=True)
     self._best_record = record
 
+  def best_metadata(self) -> Any:
+    """The structure of the best checkpoint's model state, read without restoring it: nested dicts
+    of Orbax array metadata (`.shape`, `.dtype`); None when there is no best checkpoint."""
+    record = self.best_record()
+    if record is None:
+      return None
+    path = os.path.join(str(self._best.directory), str(record['step']), 'state')
+    checkpointer = ocp.StandardCheckpointer()
+    try:
+      metadata = checkpointer.metadata(path).item_metadata
+    finally:
+      checkpointer.close()
+    return metadata.tree if hasattr(metadata, 'tree') else metadata
+
   def restore_best(self, abstract_model_state: Any) -> tuple[Any, dict[str, Any]]:
     """(model state, record) of the best checkpoint. Raises FileNotFoundError if there is none."""
     record = self.best_record()

@@ -30,6 +30,13 @@ Launching on a workdir:
 
 Outputs in `workdir`: config.json, metrics.jsonl, tensorboard/ (with the config as hyper-parameters),
 checkpoints/{latest,best}/ and results.json (the dict `train_and_evaluate` returns).
+
+Self-pretraining (config.pretrain.steps > 0; efficient_attn/pretraining.py): the same loop first runs
+the pretraining stage in workdir/pretrain/ (pretrain_config.json, metrics.jsonl, tensorboard/,
+checkpoints/, results.json; the best checkpoint by validation loss), then the task's training starts
+from its best checkpoint's encoder, a state saved at once as checkpoints/latest/0 (a relaunch resumes
+from there without the pretraining directory). A relaunch finishes whichever stage was interrupted,
+exactly. With pretrain.init_from the first stage is skipped and the weights come from there.
 """
 from __future__ import annotations
 
@@ -39,6 +46,7 @@ import fcntl
 import functools
 import json
 import logging
+import math
 import os
 import signal
 import sys
@@ -59,6 +67,7 @@ from efficient_attn import metrics as metrics_lib
 from efficient_attn import models
 from efficient_attn import objectives
 from efficient_attn import optimization
+from efficient_attn import pretraining
 from efficient_attn import sharding
 from efficient_attn import train_state as ts
 
@@ -174,6 +183,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     models.resolve_layer_attentions(config.attention, model_config['num_layers'],
                                     model_config['num_heads'])
     optimization.check_optimizer_config(config.optimizer)
+    _check_pretrain_config(config, model_config)
     sharding.config_rules(config)
     if not isinstance(config.get('sequence_parallel', True), bool):
       raise ValueError(f'sequence_parallel must be True or False, got {config.sequence_parallel!r}.')
@@ -191,6 +201,21 @@ def check_config(config: ml_collections.ConfigDict) -> None:
                           (jax.process_count(), 'the process count')):
       if train[key] % divisor:
         raise ConfigError(f'train.{key}={train[key]} is not divisible by {what}, {divisor}.')
+
+
+def _check_pretrain_config(config: ml_collections.ConfigDict, model_config: dict) -> None:
+  """config.pretrain (optional: configs without it never pretrain); ValueError if invalid."""
+  pretraining.check_config(config, 'lm' if config.task == 'lm' else None)
+  p = pretraining.section(config)
+  if (p is None or not pretraining.configured(config) or p.init_from
+      or (p.objective != 'causal' and config.task != 'lm')):
+    return
+  for i, attention in enumerate(models.resolve_layer_attentions(
+      config.attention, model_config['num_layers'], model_config['num_heads'])):
+    if not attention.supports_causal:
+      raise ValueError(f'causal pretraining (pretrain.objective={p.objective!r}) needs causal '
+                       f'attention, but layer {i} uses {attention.name!r}, which has none; use '
+                       "pretrain.objective='masked' or another variant.")
 
 
 def variant_name(config: ml_collections.ConfigDict) -> str:
@@ -212,19 +237,27 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
 # -- model and steps -------------------------------------------------------------------------------
 
 
-def build_model(config: ml_collections.ConfigDict, task: Any, components: Components) -> nnx.Module:
+def build_model(config: ml_collections.ConfigDict, task: Any, components: Components, *,
+                pretrain: pretraining.Spec | None = None) -> nnx.Module:
   """The model of `config` for `task`, initialised from config.seed. ConfigError on bad options.
 
-  The initialisation runs as one jitted program: op-by-op it would compile every initializer
-  separately, which costs seconds on CPU.
+  With `pretrain`, the pretraining model (efficient_attn/models/pretraining.py: the same encoder
+  under a token head). Where pretraining is configured, the vocabulary holds the [MASK] id
+  (pretraining.model_vocab_size), in both stages. The initialisation runs as one jitted program:
+  op-by-op it would compile every initializer separately, which costs seconds on CPU.
   """
   impl = config.get('rng_impl', 'threefry2x32')
   keys = jax.random.split(jax.random.key(config.seed, impl=impl), 3)
+  vocab_size = pretraining.model_vocab_size(config, task.kind, task.vocab_size)
 
   def create(keys):
     rngs = nnx.Rngs(params=keys[0], dropout=keys[1], attention=keys[2])
+    if pretrain is not None:
+      return models.create_pretraining_model(
+          config.model, config.attention, kind=task.kind, vocab_size=vocab_size,
+          max_length=task.max_length, causal=pretrain.objective == 'causal', rngs=rngs)
     return components.create_model(config.model, config.attention, kind=task.kind,
-                                   vocab_size=task.vocab_size, num_classes=task.num_classes,
+                                   vocab_size=vocab_size, num_classes=task.num_classes,
                                    max_length=task.max_length, rngs=rngs)
 
   try:
@@ -234,15 +267,17 @@ def build_model(config: ml_collections.ConfigDict, task: Any, components: Compon
 
 
 def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
-                    lr_schedule: Callable[[jax.Array], jax.Array], kind: str):
+                    lr_schedule: Callable[[jax.Array], jax.Array], kind: str,
+                    batch_sums: Callable | None = None):
   """(state, batch) -> (state, metrics): one AdamW update; metrics hold device scalars (loss,
   grad_norm, learning_rate, params_finite: whether every updated parameter is finite, and the
-  objective's sums)."""
+  objective's sums). `batch_sums(logits, batch)` replaces the task objective (pretraining)."""
+  batch_sums = batch_sums or functools.partial(objectives.batch_sums, kind)
 
   def loss_fn(params, rngs, other, batch):
     model = ts.merge_model(graphdef, {'params': params, 'rngs': rngs, 'other': other})
     logits = model(batch['inputs'], batch['mask'], train=True)
-    sums = objectives.batch_sums(kind, logits, batch)
+    sums = batch_sums(logits, batch)
     new = ts.model_state_of(model)  # RNG counters advanced by this step's draws
     return objectives.mean_loss(sums), (sums, new['rngs'], new['other'])
 
@@ -264,13 +299,55 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
   return step
 
 
-def make_eval_step(graphdef: nnx.GraphDef, kind: str):
-  """(model_state, batch) -> sums; deterministic (train=False: no dropout, fixed attention keys)."""
+@dataclasses.dataclass
+class TrainingSetup:
+  """What a run trains: the initial train state (in its shardings) and its jitted update."""
+
+  num_params: int
+  graphdef: nnx.GraphDef
+  state: dict  # ts.init_train_state's layout
+  train_step: Callable  # jitted (state, batch) -> (state, metrics); donates `state`
+
+
+def setup_training(config: ml_collections.ConfigDict, task: Any, components: Components,
+                   mesh: jax.sharding.Mesh, *,
+                   pretrain: pretraining.Spec | None = None) -> TrainingSetup:
+  """The model, optimizer, initial state and jitted train step of `config` for `task` (only its
+  kind, vocab_size, num_classes and max_length are read): what `train_and_evaluate` trains, and what
+  efficient_attn.benchmark_training times. Call it under the run's mesh and sharding rules.
+
+  With `pretrain`: the pretraining stage's (its model and objective, config.optimizer scheduled
+  over pretrain.steps)."""
+  model = build_model(config, task, components, pretrain=pretrain)
+  num_params = int(components.count_params(model))
+  graphdef, model_state = ts.split_model(model)
+  del model
+  steps = config.train.steps if pretrain is None else pretrain.steps
+  tx, lr_schedule = optimization.make_optimizer(config.optimizer, steps)
+  # One jitted program (op by op, every optimizer-state leaf would compile its own zeros), whose
+  # outputs land directly in their shardings.
+  init = functools.partial(ts.init_train_state, tx=tx)
+  state_shardings = sharding.state_sharding(jax.eval_shape(init, model_state), mesh,
+                                            sharding.config_rules(config))
+  state = jax.jit(init, out_shardings=state_shardings)(model_state)
+  del model_state
+  sums = None if pretrain is None else functools.partial(pretraining.batch_sums, pretrain.objective)
+  train_step = jax.jit(make_train_step(graphdef, tx, lr_schedule, task.kind, sums),
+                       donate_argnums=(0,),
+                       out_shardings=(state_shardings, sharding.replicated(mesh)))
+  return TrainingSetup(num_params=num_params, graphdef=graphdef, state=state,
+                       train_step=train_step)
+
+
+def make_eval_step(graphdef: nnx.GraphDef, kind: str, batch_sums: Callable | None = None):
+  """(model_state, batch) -> sums; deterministic (train=False: no dropout, fixed attention keys).
+  `batch_sums(logits, batch)` replaces the task objective (pretraining)."""
+  batch_sums = batch_sums or functools.partial(objectives.batch_sums, kind)
 
   def step(model_state, batch):
     model = ts.merge_model(graphdef, model_state)
     logits = model(batch['inputs'], batch['mask'], train=False)
-    return objectives.batch_sums(kind, logits, batch)
+    return batch_sums(logits, batch)
 
   return step
 
@@ -441,8 +518,9 @@ def config_changes(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
           for k in sorted(set(a) | set(b)) if a.get(k, missing) != b.get(k, missing)]
 
 
-def _saved_config_changes(config: ml_collections.ConfigDict, workdir: str) -> list[str]:
-  path = os.path.join(workdir, CONFIG_FILE)
+def _saved_config_changes(config: ml_collections.ConfigDict, workdir: str,
+                          filename: str = CONFIG_FILE) -> list[str]:
+  path = os.path.join(workdir, filename)
   if not os.path.exists(path):
     return []
   with open(path) as f:
@@ -451,9 +529,9 @@ def _saved_config_changes(config: ml_collections.ConfigDict, workdir: str) -> li
 
 
 def _save_config(config: ml_collections.ConfigDict, workdir: str, *, resuming: bool,
-                 step: int) -> None:
+                 step: int, filename: str = CONFIG_FILE) -> None:
   if resuming:
-    changes = _saved_config_changes(config, workdir)
+    changes = _saved_config_changes(config, workdir, filename)
     if changes:
       # Legitimate (e.g. more steps), but the data order and the learning-rate schedule may no
       # longer match the checkpoint's, so say exactly what changed; config.json then describes the
@@ -463,7 +541,7 @@ def _save_config(config: ml_collections.ConfigDict, workdir: str, *, resuming: b
                       '%d field(s): %s.%s', workdir, step, len(changes), '; '.join(changes),
                       ' The learning-rate schedule follows the new values from this step on.'
                       if schedule else '')
-  _write_json(os.path.join(workdir, CONFIG_FILE), json.loads(config.to_json_best_effort()))
+  _write_json(os.path.join(workdir, filename), json.loads(config.to_json_best_effort()))
 
 
 def _finished_results(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any] | None:
@@ -584,28 +662,298 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       return _run(config, workdir, components, mesh, is_chief, signals)
 
 
+@dataclasses.dataclass
+class _Stage:
+  """One training stage of a run: pretraining (in <workdir>/pretrain) or the task's training."""
+
+  label: str  # progress-bar suffix: '' or ' pretrain'
+  workdir: str
+  steps: int
+  steps_field: str  # the config field of `steps`, for messages
+  config_file: str
+  metric: str  # validation metric that picks the best checkpoint
+  mode: str  # 'max' or 'min'
+  kind: str  # the task kind (how evaluation sums are summarised)
+  setup: TrainingSetup
+  eval_step: Callable
+  train_batches: Callable[[int], Iterator[dict[str, np.ndarray]]]  # start step -> stream
+  validation_batches: Callable[[], Iterator[dict[str, np.ndarray]]]
+  # Applied to a fresh state (not on resume): fine-tuning loads the pretrained weights here.
+  initialize: Callable[[dict], dict] | None = None
+  hparam_metrics: tuple[str, ...] = ()
+
+
 def _run(config, workdir, components, mesh, is_chief, signals) -> dict[str, Any]:
-  """The body of `train_and_evaluate`, under the mesh, the workdir lock and the signal handlers."""
+  """The body of `train_and_evaluate`, under the mesh, the workdir lock and the signal handlers:
+  the pretraining stage if configured (pretraining.py), then the task's training and its test."""
   tc = config.train
-  total = tc.steps
   task = components.load_task(config.data)
   kind = task.kind
   metric, mode = objectives.selection_metric(kind)
+  pindex, pcount = jax.process_index(), jax.process_count()
+  try:
+    spec = pretraining.resolve(config, kind, task.vocab_size)
+  except ValueError as e:
+    raise ConfigError(str(e)) from e
 
-  model = build_model(config, task, components)
-  num_params = int(components.count_params(model))
-  graphdef, model_state = ts.split_model(model)
-  del model
-  tx, lr_schedule = optimization.make_optimizer(config.optimizer, total)
-  # One jitted program (op by op, every optimizer-state leaf would compile its own zeros), whose
-  # outputs land directly in their shardings.
-  init = functools.partial(ts.init_train_state, tx=tx)
-  state_shardings = sharding.state_sharding(jax.eval_shape(init, model_state), mesh,
-                                            sharding.config_rules(config))
-  state = jax.jit(init, out_shardings=state_shardings)(model_state)
-  del model_state
+  initialize = source = None
+  started = spec is not None and _has_latest_checkpoint(workdir)
+  if spec is not None:
+    if spec.init_from:
+      source = pretrained_dir(spec.init_from, must_exist=not started)
+    else:
+      source = os.path.join(workdir, pretraining.PRETRAIN_DIR)
+      if not started:  # once fine-tuning has begun, its checkpoints hold everything it needs
+        _pretrain(config, spec, task, components, mesh, is_chief, signals, source)
+  setup = setup_training(config, task, components, mesh)
+  if spec is not None and not started:
+    # The pretrained weights are checked against this model before any training.
+    loaded = _load_pretrained(config, source, ts.abstract(setup.state['params']), kind, mesh)
 
-  ckpt = checkpointing.Checkpointer(workdir, keep=tc.keep_checkpoints, mode=mode,
+    def initialize(state):
+      flat, treedef = jax.tree_util.tree_flatten_with_path(state['params'])
+      state['params'] = jax.tree_util.tree_unflatten(
+          treedef, [loaded.get(_key_names(p), leaf) for p, leaf in flat])
+      return state
+
+  stage = _Stage(
+      label='', workdir=workdir, steps=tc.steps, steps_field='train.steps',
+      config_file=CONFIG_FILE, metric=metric, mode=mode, kind=kind, setup=setup,
+      eval_step=jax.jit(make_eval_step(setup.graphdef, kind)),
+      train_batches=lambda start: components.train_batches(
+          task.train, tc.batch_size, seed=config.seed, start_step=start, process_index=pindex,
+          process_count=pcount),
+      validation_batches=lambda: components.eval_batches(
+          task.validation, tc.eval_batch_size, process_index=pindex, process_count=pcount),
+      initialize=initialize, hparam_metrics=(f'validation/{metric}', f'test/{metric}'))
+
+  def finish(state, ckpt, writer):
+    # Test with the best validation checkpoint.
+    best_state, record = ckpt.restore_best(ts.abstract(ts.model_part(state)))
+    test_batches = components.eval_batches(task.test, tc.eval_batch_size, process_index=pindex,
+                                           process_count=pcount)
+    test = evaluate(stage.eval_step, best_state, test_batches, mesh, kind)
+    writer.write(tc.steps, {**_prefixed('test', test), 'test/best_step': record['step']})
+    logging.info('test (best validation checkpoint, step %d): %s', record['step'], test)
+    results = {
+        'task': config.task, 'kind': kind, 'variant': variant_name(config), 'steps': tc.steps,
+        'best_step': int(record['step']), 'selection_metric': metric,
+        **{f'validation/{k}': v for k, v in record['metrics'].items() if k != 'count'},
+        **_prefixed('test', test),
+        'num_params': setup.num_params,
+        **_timing_results(workdir, is_chief),
+    }
+    if source is not None:
+      results.update(_pretrain_summary(source))
+    if is_chief:
+      _write_json(os.path.join(workdir, RESULTS_FILE), results)
+    return results
+
+  return _train_stage(config, stage, mesh, is_chief, signals, finish)
+
+
+def _has_latest_checkpoint(workdir: str) -> bool:
+  directory = os.path.join(workdir, checkpointing.CHECKPOINT_DIR, 'latest')
+  return os.path.isdir(directory) and any(n.isdigit() for n in os.listdir(directory))
+
+
+def _timing_results(workdir: str, is_chief: bool) -> dict[str, Any]:
+  history = metrics_lib.read_metrics(workdir) if is_chief else []
+  _, sps = metrics_lib.series(history, 'train/steps_per_sec')
+  _, tps = metrics_lib.series(history, 'train/tokens_per_sec')
+  _, mem = metrics_lib.series(history, 'train/peak_memory_bytes')
+  _, host_mem = metrics_lib.series(history, 'train/host_memory_bytes')
+  return {
+      'steps_per_sec': float(np.median(sps)) if sps else None,
+      'tokens_per_sec': float(np.median(tps)) if tps else None,
+      'peak_memory_bytes': int(max(mem)) if mem else None,
+      'host_memory_bytes': int(max(host_mem)) if host_mem else None,
+  }
+
+
+# -- pretraining -----------------------------------------------------------------------------------
+
+PRETRAIN_CONFIG_FILE = 'pretrain_config.json'  # in <workdir>/pretrain: the config it ran with
+
+
+def _pretrain(config, spec: pretraining.Spec, task, components, mesh, is_chief, signals,
+              workdir: str) -> dict[str, Any]:
+  """The pretraining stage in `workdir` (<run>/pretrain): resumable as the task's training; its best
+  checkpoint is the lowest validation denoising (or next-token) loss. Returns its results (also in
+  workdir/results.json); a finished stage returns them without building anything."""
+  done = _read_json(os.path.join(workdir, RESULTS_FILE))
+  if done is not None and done.get('steps') == spec.steps:
+    logging.info('Pretraining in %s has finished its %d steps.', workdir, spec.steps)
+    return done
+  tc = config.train
+  pindex, pcount = jax.process_index(), jax.process_count()
+  prepend_cls = models.pretraining.encoder_prepends_cls(config.model, task.kind)
+  setup = setup_training(config, task, components, mesh, pretrain=spec)
+  stream = functools.partial(pretraining.train_stream, spec=spec, seed=config.seed,
+                             prepend_cls=prepend_cls)
+  stage = _Stage(
+      label=' pretrain', workdir=workdir, steps=spec.steps, steps_field='pretrain.steps',
+      config_file=PRETRAIN_CONFIG_FILE, metric='loss', mode='min', kind=task.kind, setup=setup,
+      eval_step=jax.jit(make_eval_step(setup.graphdef, task.kind, functools.partial(
+          pretraining.batch_sums, spec.objective))),
+      train_batches=lambda start: stream(components.train_batches(
+          task.train, tc.batch_size, seed=config.seed, start_step=start, process_index=pindex,
+          process_count=pcount), start_step=start),
+      validation_batches=lambda: pretraining.eval_stream(components.eval_batches(
+          task.validation, tc.eval_batch_size, process_index=pindex, process_count=pcount),
+          spec, seed=config.seed, prepend_cls=prepend_cls),
+      hparam_metrics=('validation/loss',))
+
+  def finish(state, ckpt, writer):
+    del state, writer
+    record = ckpt.best_record()
+    results = {'task': config.task, 'kind': task.kind, 'variant': variant_name(config),
+               'objective': spec.objective, 'steps': spec.steps, 'best_step': int(record['step']),
+               'selection_metric': 'loss', 'num_params': setup.num_params,
+               **{f'validation/{k}': v for k, v in record['metrics'].items() if k != 'count'},
+               **_timing_results(workdir, is_chief)}
+    if is_chief:
+      _write_json(os.path.join(workdir, RESULTS_FILE), results)
+    logging.info('pretraining done (best validation loss %.4f at step %d)',
+                 record['metrics']['loss'], record['step'])
+    return results
+
+  return _train_stage(config, stage, mesh, is_chief, signals, finish)
+
+
+def pretrained_dir(path: str, *, must_exist: bool = True) -> str:
+  """The pretraining directory `pretrain.init_from` names: `path` itself, or its pretrain/
+  subdirectory (a run directory). ConfigError (one line) if neither holds a best checkpoint (or,
+  with must_exist=False, `path`)."""
+  for candidate in (os.path.join(path, pretraining.PRETRAIN_DIR), path):
+    # A training workdir (config.json) holds a classifier, not pretrained weights.
+    if (os.path.isdir(os.path.join(candidate, checkpointing.CHECKPOINT_DIR, 'best'))
+        and not os.path.exists(os.path.join(candidate, CONFIG_FILE))):
+      return candidate
+  if not must_exist:
+    return path
+  raise ConfigError(f'pretrain.init_from={path!r} holds no pretraining checkpoint (no '
+                    f'checkpoints/best there or in its {pretraining.PRETRAIN_DIR}/); give the '
+                    'pretrain/ directory of a run launched with the pretrain config argument.')
+
+
+def _describe_model(config: Mapping[str, Any] | None) -> str:
+  if not config:
+    return '?'
+  m, a = config.get('model', {}), config.get('attention', {})
+  name = a.get('name', 'full') + (f"+{a['layer_overrides']}" if a.get('layer_overrides') else '')
+  return (f"variant {name}, num_layers={m.get('num_layers')}, num_heads={m.get('num_heads')}, "
+          f"emb_dim={m.get('emb_dim')}, mlp_dim={m.get('mlp_dim')}")
+
+
+def _key_names(path) -> tuple[str, ...]:
+  """A tree path as plain names: nnx.State (dict keys, `.value`) and Orbax metadata (dict keys)
+  name the same parameter alike."""
+  names = []
+  for key in path:
+    for attr in ('key', 'name', 'idx'):
+      if hasattr(key, attr):
+        names.append(str(getattr(key, attr)))
+        break
+  return tuple(names)
+
+
+def _load_pretrained(config, source: str, abstract_params: Any, kind: str,
+                     mesh: jax.sharding.Mesh) -> dict[tuple[str, ...], jax.Array]:
+  """{parameter path (`_key_names`): array} of the transferred groups (pretraining.transferred_keys)
+  from the best checkpoint in `source`, in the shardings of `abstract_params` (a fresh fine-tuning
+  state's parameters, as ShapeDtypeStructs).
+
+  Raises ConfigError (one line naming the parameter path, the shapes and both models' variant and
+  sizes) when the pretrained weights do not fit: another size, or a variant with other learned
+  weights. Variants without weights (full, local, ...) fit each other.
+  """
+  groups = pretraining.transferred_keys(kind)
+  ckpt = checkpointing.Checkpointer(source, mode='min', read_only=True)
+  try:
+    record = ckpt.best_record()
+    if record is None:
+      raise ConfigError(f'{source} holds no usable pretraining checkpoint'
+                        f'{": " + ckpt.best_problem if ckpt.best_problem else ""}.')
+    metadata = ckpt.best_metadata()
+    pretrained = {_key_names(p): m for p, m in jax.tree_util.tree_flatten_with_path(
+        metadata.get('params', {}), is_leaf=lambda x: hasattr(x, 'shape'))[0]}
+    pretrained = {k: m for k, m in pretrained.items() if k[0] in groups}
+    here = {_key_names(p): leaf
+            for p, leaf in jax.tree_util.tree_flatten_with_path(abstract_params)[0]}
+    here_groups = {k: leaf for k, leaf in here.items() if k[0] in groups}
+    problem = None
+    for k in sorted(set(pretrained) | set(here_groups)):
+      name = '/'.join(n for n in k if n != 'value')
+      if k not in here_groups:
+        problem = f'parameter {name} is in the pretrained weights only'
+      elif k not in pretrained:
+        problem = f'parameter {name} is not in the pretrained weights'
+      elif tuple(pretrained[k].shape) != tuple(here_groups[k].shape):
+        problem = (f'parameter {name} has shape {tuple(pretrained[k].shape)} pretrained, '
+                   f'{tuple(here_groups[k].shape)} here')
+      if problem:
+        break
+    if problem:
+      source_config = _read_json(os.path.join(source, PRETRAIN_CONFIG_FILE))
+      raise ConfigError(
+          f'the pretrained weights of {source} do not fit this model: {problem} (pretrained: '
+          f'{_describe_model(source_config)}; this run: '
+          f'{_describe_model(json.loads(config.to_json_best_effort()))}); fine-tune the same '
+          'sizes, with a variant of the same learned weights (variants without weights mix).')
+    # Restore the whole saved model state (Orbax restores trees whole): the transferred groups
+    # straight into this run's shardings, the rest replicated and dropped.
+    replicated = sharding.replicated(mesh)
+
+    def target(path, m):
+      names = _key_names(path)
+      leaf = here_groups.get(names[1:]) if names[:1] == ('params',) else None
+      return jax.ShapeDtypeStruct(tuple(m.shape), m.dtype,
+                                  sharding=replicated if leaf is None else leaf.sharding)
+
+    abstract = jax.tree_util.tree_map_with_path(target, metadata,
+                                                is_leaf=lambda x: hasattr(x, 'shape'))
+    restored, _ = ckpt.restore_best(abstract)
+  finally:
+    ckpt.close()
+  loaded = {_key_names(p): leaf for p, leaf in jax.tree_util.tree_flatten_with_path(
+      restored['params'])[0] if _key_names(p)[0] in groups}
+  logging.info('Fine-tuning from the pretrained %s of %s (step %d, validation loss %.4f).',
+               ' and '.join(groups), source, record['step'],
+               record['metrics'].get('loss', math.nan))
+  return loaded
+
+
+def _pretrain_summary(source: str) -> dict[str, Any]:
+  """What the fine-tuning results record of the pretraining they started from."""
+  done = _read_json(os.path.join(source, RESULTS_FILE)) or {}
+  return {'pretrained_from': os.path.abspath(source), 'pretrain_steps': done.get('steps'),
+          'pretrain_best_step': done.get('best_step'),
+          'pretrain_objective': done.get('objective'),
+          'pretrain_validation_loss': done.get('validation/loss')}
+
+
+def _read_json(path: str) -> Any:
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except (OSError, ValueError):
+    return None
+
+
+# -- one stage -------------------------------------------------------------------------------------
+
+
+def _train_stage(config, stage: _Stage, mesh, is_chief, signals, finish) -> dict[str, Any]:
+  """Trains `stage` (resuming from its latest checkpoint) and returns finish(state, ckpt, writer),
+  called once the last step is done and saved (see the module docstring for the loop)."""
+  tc = config.train
+  total = stage.steps
+  workdir = stage.workdir
+  state, train_step = stage.setup.state, stage.setup.train_step
+  stage.setup.state = None  # donated to the first step; the stage holds the only reference
+
+  ckpt = checkpointing.Checkpointer(workdir, keep=tc.keep_checkpoints, mode=stage.mode,
                                     async_save=tc.async_checkpointing)
   start = 0
   latest = ckpt.latest_step()
@@ -613,8 +961,9 @@ def _run(config, workdir, components, mesh, is_chief, signals) -> dict[str, Any]
   if latest is not None:
     if latest > total:
       ckpt.close()
-      raise ConfigError(f'{workdir} holds a checkpoint of step {latest}, beyond train.steps={total}; '
-                        'raise train.steps or use another workdir.')
+      raise ConfigError(f'{workdir} holds a checkpoint of step {latest}, beyond '
+                        f'{stage.steps_field}={total}; raise {stage.steps_field} or use another '
+                        'workdir.')
     try:
       state = ckpt.restore_latest(ts.abstract(state))
     except checkpointing.NoRestorableCheckpointError as e:
@@ -624,30 +973,31 @@ def _run(config, workdir, components, mesh, is_chief, signals) -> dict[str, Any]
     logging.info('Resumed from step %d in %s.', start, workdir)
     if is_chief and os.path.exists(os.path.join(workdir, RESULTS_FILE)):
       os.remove(os.path.join(workdir, RESULTS_FILE))  # an extended run: tested again at its end
+  elif stage.initialize is not None:
+    state = stage.initialize(state)
+    # Checkpointed at once: a relaunch resumes from here, without the pretrained directory.
+    ckpt.save_latest(0, state)
   if is_chief:
-    _save_config(config, workdir, resuming=latest is not None, step=start)
+    _save_config(config, workdir, resuming=latest is not None, step=start,
+                 filename=stage.config_file)
   writer = metrics_lib.MetricWriter(workdir, enabled=is_chief, resume_step=start)
-  writer.write_config(json.loads(config.to_json_best_effort()),
-                      [f'validation/{metric}', f'test/{metric}'], step=start)
+  writer.write_config(json.loads(config.to_json_best_effort()), list(stage.hparam_metrics),
+                      step=start)
 
-  train_step = jax.jit(make_train_step(graphdef, tx, lr_schedule, kind), donate_argnums=(0,),
-                       out_shardings=(state_shardings, sharding.replicated(mesh)))
-  eval_step = jax.jit(make_eval_step(graphdef, kind))
-  pindex, pcount = jax.process_index(), jax.process_count()
+  metric = stage.metric
 
   def validate(model_state):
-    batches = components.eval_batches(task.validation, tc.eval_batch_size, process_index=pindex,
-                                      process_count=pcount)
-    return evaluate(eval_step, model_state, batches, mesh, kind, tc.max_eval_batches)
+    return evaluate(stage.eval_step, model_state, stage.validation_batches(), mesh, stage.kind,
+                    tc.max_eval_batches)
 
   if start > 0:
     _check_best(ckpt, ts.model_part(state), start, history, metric, validate, workdir)
 
-  batches = components.train_batches(task.train, tc.batch_size, seed=config.seed, start_step=start,
-                                     process_index=pindex, process_count=pcount)
+  batches = stage.train_batches(start)
   log = None
   bar = tqdm.tqdm(total=total, initial=start, disable=not (is_chief and tc.progress_bar),
-                  desc=f'{config.task}/{variant_name(config)}', unit='step', dynamic_ncols=True)
+                  desc=f'{config.task}/{variant_name(config)}{stage.label}', unit='step',
+                  dynamic_ncols=True)
 
   def write_train(step, summary):
     summary['peak_memory_bytes'] = metrics_lib.peak_memory_bytes()
@@ -664,8 +1014,8 @@ def _run(config, workdir, components, mesh, is_chief, signals) -> dict[str, Any]
     while step < total:
       batch = next(batches)
       if log is None:
-        tokens = int(np.prod(np.shape(batch['inputs'])[1:])) * tc.batch_size
-        log = _TrainLog(tokens)
+        # Padded tokens of the global batch (this process's rows times the process count).
+        log = _TrainLog(int(np.size(batch['inputs'])) * jax.process_count())
       state, step_metrics = train_step(state, sharding.place_batch(batch, mesh))
       step += 1
       log.add(step, step_metrics)
@@ -683,7 +1033,7 @@ def _run(config, workdir, components, mesh, is_chief, signals) -> dict[str, Any]
         log.check()  # never evaluate or save NaN parameters
         val = validate(ts.model_part(state))
         writer.write(step, _prefixed('validation', val))
-        logging.info('step %d validation %s', step, val)
+        logging.info('step %d%s validation %s', step, stage.label, val)
         if ckpt.is_improvement(val[metric]):
           ckpt.save_best(step, ts.model_part(state), metric=metric, score=val[metric],
                          metrics=val)
@@ -694,45 +1044,19 @@ def _run(config, workdir, components, mesh, is_chief, signals) -> dict[str, Any]
         log.restart_clock()
       # A multi-process run must agree on the stopping step, which costs a collective: ask only
       # at logging steps there.
-      if not last and (pcount == 1 or step % tc.log_every == 0):
+      if not last and (jax.process_count() == 1 or step % tc.log_every == 0):
         signum = signals.poll()
         if signum is not None:
           # The steps since the last record would be lost on resume (it restarts after them).
           summary = log.flush(timed=True)
           if summary is not None:
             write_train(step, summary)
-          ckpt.save_latest(step, state)
+          if step % tc.checkpoint_every:  # at a checkpoint step this state has just been saved
+            ckpt.save_latest(step, state)
           ckpt.wait()
           raise TrainingInterrupted(step, signum)
     ckpt.wait()
-
-    # Test with the best validation checkpoint.
-    best_state, record = ckpt.restore_best(ts.abstract(ts.model_part(state)))
-    test_batches = components.eval_batches(task.test, tc.eval_batch_size, process_index=pindex,
-                                           process_count=pcount)
-    test = evaluate(eval_step, best_state, test_batches, mesh, kind)
-    writer.write(total, {**_prefixed('test', test), 'test/best_step': record['step']})
-    logging.info('test (best validation checkpoint, step %d): %s', record['step'], test)
-
-    history = metrics_lib.read_metrics(workdir) if is_chief else []
-    _, sps = metrics_lib.series(history, 'train/steps_per_sec')
-    _, tps = metrics_lib.series(history, 'train/tokens_per_sec')
-    _, mem = metrics_lib.series(history, 'train/peak_memory_bytes')
-    _, host_mem = metrics_lib.series(history, 'train/host_memory_bytes')
-    results = {
-        'task': config.task, 'kind': kind, 'variant': variant_name(config), 'steps': total,
-        'best_step': int(record['step']), 'selection_metric': metric,
-        **{f'validation/{k}': v for k, v in record['metrics'].items() if k != 'count'},
-        **_prefixed('test', test),
-        'num_params': num_params,
-        'steps_per_sec': float(np.median(sps)) if sps else None,
-        'tokens_per_sec': float(np.median(tps)) if tps else None,
-        'peak_memory_bytes': int(max(mem)) if mem else None,
-        'host_memory_bytes': int(max(host_mem)) if host_mem else None,
-    }
-    if is_chief:
-      _write_json(os.path.join(workdir, RESULTS_FILE), results)
-    return results
+    return finish(state, ckpt, writer)
 
 
 def _check_best(ckpt: checkpointing.Checkpointer, model_state: Any, step: int,

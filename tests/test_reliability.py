@@ -228,6 +228,27 @@ def test_extending_a_run_names_the_changed_fields_and_sigterm_keeps_the_interval
   assert not os.path.exists(os.path.join(workdir, train_lib.RESULTS_FILE))  # no longer finished
 
 
+def test_sigterm_at_a_checkpoint_step_stops_cleanly(cache_dir, tmp_path):
+  """A SIGTERM during update 6, a checkpoint step: the periodic save has written step 6, and the stop
+  does not save it again (formerly Orbax's StepAlreadyExistsError: exit 1 with a traceback)."""
+  base = train_lib.default_components()
+
+  def train_batches(split, batch_size, *, seed, start_step=0, **kw):
+    for step, batch in enumerate(base.train_batches(split, batch_size, seed=seed,
+                                                    start_step=start_step, **kw), start_step):
+      if step == 5:  # the batch of update 6
+        os.kill(os.getpid(), signal.SIGTERM)
+      yield batch
+
+  components = train_lib.Components(base.load_task, train_batches, base.eval_batches,
+                                    base.create_model, base.count_params)
+  workdir = str(tmp_path / 'run')
+  with pytest.raises(train_lib.TrainingInterrupted) as stop:
+    train_lib.train_and_evaluate(_config(cache_dir, steps=9), workdir, components=components)
+  assert stop.value.step == 6 and stop.value.signum == signal.SIGTERM
+  assert sorted(os.listdir(os.path.join(workdir, 'checkpoints', 'latest'))) == ['3', '6']
+
+
 def _events(directory: str) -> list:
   """Every Event of the TensorBoard files in `directory` (TFRecord framing: length, crc, data,
   crc)."""
