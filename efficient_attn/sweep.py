@@ -50,6 +50,8 @@ from absl import flags
 from efficient_attn import cli
 
 PROTOCOLS = ('quick', 'lra', 'tiny')
+PRETRAIN_MODES = ('off', 'also', 'only')
+PRETRAIN_SUFFIX = '+pretrain'  # the row (and workdir) of a pretrained run: '<variant>+pretrain'
 # The config argument each protocol adds to `attention=<variant>` ('' = the task's default config).
 PROTOCOL_ARGS = {'quick': 'quick', 'lra': '', 'tiny': 'tiny'}
 # Tasks generated locally (no download): the default.
@@ -82,6 +84,11 @@ _PRINT_COMMANDS = flags.DEFINE_bool(
     'print_commands', False, 'Print one shell line per run (line i is run i: usable with a job '
     'array, e.g. `sed -n ${SLURM_ARRAY_TASK_ID}p`) and a last line that writes the table; run '
     'nothing.')
+_PRETRAIN = flags.DEFINE_enum(
+    'pretrain', 'off', PRETRAIN_MODES, 'Self-pretraining (the config argument `pretrain`: half the '
+    'steps pretrain on the task\'s inputs, half fine-tune; README "Self-pretraining"): off, also '
+    '(every variant twice, from scratch and pretrained, as rows <variant> and '
+    '<variant>+pretrain) or only (pretrained runs only).')
 _TABLE_ONLY = flags.DEFINE_bool('table_only', False,
                                 'Write the table from what the workdirs hold; launch nothing.')
 
@@ -101,15 +108,22 @@ class Run:
   workdir: str  # absolute
   config_file: str  # absolute path of configs/<task>.py
   overrides: tuple[str, ...]  # '--config.key=value' each
+  pretrain: bool = False  # self-pretraining then fine-tuning (config argument `pretrain`)
+
+  @property
+  def label(self) -> str:
+    """The table row: the variant, with PRETRAIN_SUFFIX for a pretrained run."""
+    return self.variant + (PRETRAIN_SUFFIX if self.pretrain else '')
 
   @property
   def name(self) -> str:
-    return f'{self.task}/{self.variant}'
+    return f'{self.task}/{self.label}'
 
   @property
   def config_spec(self) -> str:
-    arg = ','.join(a for a in (f'attention={self.variant}', PROTOCOL_ARGS[self.protocol]) if a)
-    return f'{self.config_file}:{arg}'
+    args = (f'attention={self.variant}', PROTOCOL_ARGS[self.protocol],
+            'pretrain' if self.pretrain else '')
+    return f'{self.config_file}:{",".join(a for a in args if a)}'
 
   def command(self) -> list[str]:
     """The training command of this run (train.py next to the package, else the installed one)."""
@@ -173,19 +187,26 @@ def default_sweep_dir(protocol: str) -> str:
 
 
 def plan(tasks: Sequence[str], variants: Sequence[str], protocol: str, sweep_dir: str,
-         overrides: Sequence[str] = ()) -> list[Run]:
-  """The runs of the sweep, task by task, each task's variants in the order given."""
+         overrides: Sequence[str] = (), pretrain: str = 'off') -> list[Run]:
+  """The runs of the sweep, task by task, each task's variants in the order given (with
+  pretrain='also', each variant's scratch run first, then its pretrained run)."""
   if protocol not in PROTOCOLS:
     raise UsageError(f'--protocol: unknown protocol {protocol!r}; valid protocols: '
                      f'{", ".join(PROTOCOLS)}.')
+  if pretrain not in PRETRAIN_MODES:
+    raise UsageError(f'--pretrain: unknown mode {pretrain!r}; valid modes: '
+                     f'{", ".join(PRETRAIN_MODES)}.')
+  arms = {'off': (False,), 'also': (False, True), 'only': (True,)}[pretrain]
   sweep_dir = os.path.abspath(sweep_dir)
   folder = _configs_dir()
   runs = []
   for task in tasks:
     for variant in variants:
-      runs.append(Run(index=len(runs) + 1, task=task, variant=variant, protocol=protocol,
-                      workdir=os.path.join(sweep_dir, task, variant),
-                      config_file=os.path.join(folder, f'{task}.py'), overrides=tuple(overrides)))
+      for pretrained in arms:
+        run = Run(index=len(runs) + 1, task=task, variant=variant, protocol=protocol, workdir='',
+                  config_file=os.path.join(folder, f'{task}.py'), overrides=tuple(overrides),
+                  pretrain=pretrained)
+        runs.append(dataclasses.replace(run, workdir=os.path.join(sweep_dir, task, run.label)))
   return runs
 
 
@@ -415,8 +436,8 @@ def table_cells(runs: Sequence[Run], states: Mapping[str, RunState]) -> dict[str
 
 def _ordered(runs: Sequence[Run]) -> tuple[list[str], list[str]]:
   tasks = list(dict.fromkeys(r.task for r in runs))
-  variants = list(dict.fromkeys(r.variant for r in runs))
-  return tasks, variants
+  rows = list(dict.fromkeys(r.label for r in runs))
+  return tasks, rows
 
 
 def accuracy_table(runs: Sequence[Run], cells: Mapping[str, Cell]) -> str:
@@ -543,7 +564,8 @@ def write_table(runs: Sequence[Run], steps: Mapping[str, int], sweep_dir: str,
 def main(argv: Sequence[str]) -> int:
   if len(argv) > 1:
     raise UsageError(f'unexpected arguments: {" ".join(argv[1:])} (flags are --tasks, --variants, '
-                     '--protocol, --workdir, --out, --set, --print_commands, --table_only).')
+                     '--protocol, --workdir, --out, --set, --pretrain, --print_commands, '
+                     '--table_only).')
   import efficient_attn  # pylint: disable=import-outside-toplevel
   try:  # the sweep process never computes: keep it off the accelerators its children need
     import jax  # pylint: disable=import-outside-toplevel
@@ -556,7 +578,7 @@ def main(argv: Sequence[str]) -> int:
   overrides = parse_overrides(_SET.value)
   sweep_dir = os.path.abspath(_WORKDIR.value or default_sweep_dir(protocol))
   out_dir = os.path.abspath(_OUT.value) if _OUT.value else sweep_dir
-  runs = plan(tasks, variants, protocol, sweep_dir, overrides)
+  runs = plan(tasks, variants, protocol, sweep_dir, overrides, _PRETRAIN.value)
   steps = {}
   for run in runs:  # every config and override checked before anything starts
     try:
@@ -568,7 +590,8 @@ def main(argv: Sequence[str]) -> int:
       print(shlex.join(run.command()))
     table = [sys.executable, '-m', 'efficient_attn.sweep', f'--tasks={",".join(tasks)}',
              f'--variants={",".join(variants)}', f'--protocol={protocol}',
-             f'--workdir={sweep_dir}', f'--out={out_dir}', *[f'--set={s}' for s in _SET.value],
+             f'--workdir={sweep_dir}', f'--out={out_dir}', f'--pretrain={_PRETRAIN.value}',
+             *[f'--set={s}' for s in _SET.value],
              '--table_only']
     line = shlex.join(table)
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

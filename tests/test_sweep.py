@@ -238,3 +238,27 @@ def test_parse_names_errors(value, match):
   assert sweep.parse_names('all', ('full', 'local'), 'variant', 'variants') == ['full', 'local']
   with pytest.raises(sweep.UsageError, match='key=value'):
     sweep.parse_overrides(['train.steps'])
+
+
+def test_pretrained_rows_commands_and_table(tmp_path):
+  runs = sweep.plan(['listops'], ['full', 'local'], 'quick', str(tmp_path), pretrain='also')
+  assert [r.name for r in runs] == ['listops/full', 'listops/full+pretrain', 'listops/local',
+                                    'listops/local+pretrain']
+  scratch, pretrained = runs[0], runs[1]
+  assert scratch.config_spec.endswith('listops.py:attention=full,quick')
+  assert pretrained.config_spec.endswith('listops.py:attention=full,quick,pretrain')
+  assert pretrained.workdir == os.path.join(str(tmp_path), 'listops', 'full+pretrain')
+  # The pretrained config splits the scratch run's budget: the same total number of steps.
+  pre_config, total = sweep.resolve_config(pretrained), sweep.resolve_config(scratch).train.steps
+  assert pre_config.pretrain.steps + pre_config.train.steps == total
+  only = sweep.plan(['listops'], ['full'], 'quick', str(tmp_path), pretrain='only')
+  assert [r.name for r in only] == ['listops/full+pretrain']
+  with pytest.raises(sweep.UsageError, match="--pretrain: unknown mode 'yes'"):
+    sweep.plan(['listops'], ['full'], 'quick', str(tmp_path), pretrain='yes')
+  for run, accuracy in zip(runs, (0.25, 0.5, 0.125, None)):
+    _fake_run(run, 400, accuracy)
+  steps = {r.name: 400 for r in runs}
+  table, _ = sweep.write_table(runs, steps, str(tmp_path), str(tmp_path / 'out'))
+  assert _section(open(table).read(), sweep.ACCURACY_HEADING)[2:] == [
+      '| `full` | 25.00 | 36.37 |', '| `full+pretrain` | 50.00 | 36.37 |',
+      '| `local` | 12.50 | 15.82 |', '| `local+pretrain` | unfinished | 15.82 |']
