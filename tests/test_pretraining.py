@@ -18,7 +18,6 @@ import sys
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
 
@@ -31,6 +30,7 @@ from efficient_attn import pretraining
 from efficient_attn import train_lib
 # The tiny datasets and configs of the end-to-end task tests (pytest puts tests/ on sys.path).
 import test_tasks_end_to_end as e2e
+from test_train_resume import restore_state_arrays
 from test_data_tasks import aan_dir, corpus_dir  # noqa: F401  (fixtures)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -101,19 +101,7 @@ def _arrays(directory: str) -> dict[str, np.ndarray]:
 
 
 def _arrays_at(step_dir: str) -> dict[str, np.ndarray]:
-  path = os.path.join(step_dir, 'state')
-  checkpointer = ocp.StandardCheckpointer()
-  metadata = checkpointer.metadata(path).item_metadata
-  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), metadata)
-  state = checkpointer.restore(path, target)
-  checkpointer.close()
-  out = {}
-  for key_path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]:
-    if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
-      leaf = jax.random.key_data(leaf)
-    out[jax.tree_util.keystr(key_path)] = np.asarray(leaf)
-  return out
+  return restore_state_arrays(step_dir)[0]
 
 
 def _encoder(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

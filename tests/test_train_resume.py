@@ -56,12 +56,10 @@ def _wait_for(predicate, proc: subprocess.Popen, timeout: float = 300.0) -> None
     time.sleep(0.05)
 
 
-def _latest_state(workdir: str) -> tuple[int, dict[str, np.ndarray], tuple[int, ...]]:
-  """(step, {path: array}, saved mesh shape) of the newest 'latest' checkpoint, restored onto this
-  process's first device whatever mesh saved it."""
-  directory = os.path.join(workdir, 'checkpoints', 'latest')
-  step = max(int(name) for name in os.listdir(directory) if name.isdigit())
-  path = os.path.join(directory, str(step), 'state')
+def restore_state_arrays(step_dir: str):
+  """({path: array}, Orbax item metadata) of the train state saved in `step_dir` (a checkpoint
+  step's directory), restored onto this process's first device whatever mesh saved it."""
+  path = os.path.join(step_dir, 'state')
   checkpointer = ocp.StandardCheckpointer()
   metadata = checkpointer.metadata(path).item_metadata
   device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
@@ -73,6 +71,15 @@ def _latest_state(workdir: str) -> tuple[int, dict[str, np.ndarray], tuple[int, 
     if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
       leaf = jax.random.key_data(leaf)
     out[jax.tree_util.keystr(key_path)] = np.asarray(leaf)
+  return out, metadata
+
+
+def _latest_state(workdir: str) -> tuple[int, dict[str, np.ndarray], tuple[int, ...]]:
+  """(step, {path: array}, saved mesh shape) of the newest 'latest' checkpoint, restored onto this
+  process's first device whatever mesh saved it."""
+  directory = os.path.join(workdir, 'checkpoints', 'latest')
+  step = max(int(name) for name in os.listdir(directory) if name.isdigit())
+  out, metadata = restore_state_arrays(os.path.join(directory, str(step)))
   mesh_shape = tuple(int(n) for n in metadata['step'].sharding.shape)
   return step, out, mesh_shape
 
