@@ -3,6 +3,7 @@
   python -m efficient_attn.benchmark                       # 1K..16K, every variant, float32
   python -m efficient_attn.benchmark --lengths 4096,65536 --variants local,bigbird --dtype bfloat16
   python -m efficient_attn.benchmark --cudnn               # on a GPU: also jax.nn.dot_product_attention(cudnn)
+  python -m efficient_attn.benchmark --lengths 8192,16384 --variants local,dilated --repeats 7
 
 For each (variant, length): the compiled temp memory of `jit(grad)` (XLA's memory analysis, before
 running anything), then the median wall time of the forward and of forward+backward over `--repeats` runs
@@ -12,6 +13,12 @@ reach instead of run. Prints a Markdown table with the speed-up and memory ratio
 against length, log-log) to `--out`. Each variant runs with the options of its class's `preset(keys)`
 (about `--keys` keys per query); variants with learned weights get them from their `init`, and
 bidirectional-only variants are reported as such under `--causal`.
+
+Whenever `local` is benchmarked, two sliding-window baselines with its window run beside it
+(unless `--no_baselines`): `plain_local`, the blocked sliding window anyone writes with jnp
+(`plain_local_attention`), and `jax_local`, `jax.nn.dot_product_attention(local_window_size=...)`,
+which masks an n x n score matrix (reported out of reach where its temporaries exceed the
+budget). The table then gives every row's time and memory relative to `plain_local` at that length.
 """
 from __future__ import annotations
 
@@ -31,11 +38,60 @@ import efficient_attn as ea
 from efficient_attn.attention.api import variant_class
 
 CUDNN = 'cudnn'  # jax.nn.dot_product_attention(implementation='cudnn'): full attention, GPU only
+PLAIN_LOCAL = 'plain_local'  # `plain_local_attention`: the hand-written blocked sliding window
+JAX_LOCAL = 'jax_local'  # jax.nn.dot_product_attention(local_window_size=...): masked n x n scores
+BASELINES = (PLAIN_LOCAL, JAX_LOCAL)  # run beside `local`, with its window
 
 
 def preset_options(name: str, keys: int = 512) -> dict[str, Any]:
-  """The options under which variant `name` sees about `keys` keys per query: its class's `preset`."""
+  """The options under which variant `name` sees about `keys` keys per query: its class's `preset`
+  (the sliding-window baselines take `local`'s window)."""
+  if name in BASELINES:
+    return dict(window=variant_class('local').preset(keys)['window'])
   return {} if name == CUDNN else variant_class(name).preset(keys)
+
+
+def plain_local_attention(q, k, v, *, window: int, causal: bool = False):
+  """The baseline: the sliding window abs(i - j) <= window as anyone writes it with jnp.
+
+  Query blocks of `window` positions (at least 1) each score the keys of three blocks (previous,
+  own, next), masked to the window, with a plain softmax; the backward is JAX's autodiff. No
+  padding mask.
+
+  Args:
+    q, k, v: [batch, length, heads, head_dim].
+  Returns:
+    [batch, length, heads, head_dim].
+  """
+  b, n, h, d = q.shape
+  block = max(window, 1)
+  nb = -(-n // block)
+  m = nb * block
+
+  def blocks(x):  # [b, n, h, d] -> [b, h, nb, block, d]
+    x = jnp.pad(x, ((0, 0), (0, m - n), (0, 0), (0, 0)))
+    return x.reshape(b, nb, block, h, d).transpose(0, 3, 1, 2, 4)
+
+  def neighbours(x):  # [b, h, nb, block, d] -> [b, h, nb, 3 * block, d]: previous, own, next block
+    x = jnp.pad(x, ((0, 0), (0, 0), (1, 1), (0, 0), (0, 0)))
+    return jnp.concatenate([x[:, :, :-2], x[:, :, 1:-1], x[:, :, 2:]], axis=3)
+
+  qb, kc, vc = blocks(q), neighbours(blocks(k)), neighbours(blocks(v))
+  s = jnp.einsum('bhqid,bhqjd->bhqij', qb, kc) * d ** -0.5
+  i = jnp.arange(m).reshape(nb, block, 1)
+  j = (jnp.arange(nb)[:, None, None] - 1) * block + jnp.arange(3 * block)
+  mask = (jnp.abs(i - j) <= window) & (j >= 0) & (j < n)
+  if causal:
+    mask = mask & (j <= i)
+  p = jax.nn.softmax(jnp.where(mask, s, -jnp.inf), axis=-1)
+  out = jnp.einsum('bhqij,bhqjd->bhqid', p, vc)
+  return out.transpose(0, 2, 3, 1, 4).reshape(b, m, h, d)[:, :n]
+
+
+def jax_local_attention(q, k, v, *, window: int, causal: bool = False):
+  """The library baseline: jax.nn.dot_product_attention with local_window_size (n x n scores)."""
+  return jax.nn.dot_product_attention(q, k, v, is_causal=causal,
+                                      local_window_size=(window, 0 if causal else window))
 
 
 def machine_name() -> str:
@@ -57,6 +113,9 @@ def _attention_fn(name: str, options: dict, causal: bool, shape: tuple[int, int,
   if name == CUDNN:  # the fused reference on NVIDIA GPUs (full attention)
     return lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=causal,
                                                         implementation='cudnn')
+  if name in BASELINES:
+    fn = plain_local_attention if name == PLAIN_LOCAL else jax_local_attention
+    return lambda q, k, v: fn(q, k, v, causal=causal, **options)
   attn = ea.make_attention(name, **options)
   key = jax.random.key(0)
   if attn.learned:  # weights are inputs like any other; their init is not timed
@@ -80,7 +139,7 @@ def measure(name: str, length: int, *, batch: int, heads: int, head_dim: int, dt
   """One row: compiled memory, then median forward and forward+backward seconds (or why not run)."""
   options = preset_options(name, keys)
   row = dict(variant=name, length=length, options=options)
-  if causal and name != CUDNN and not variant_class(name).supports_causal:
+  if causal and name not in (CUDNN,) + BASELINES and not variant_class(name).supports_causal:
     row['error'] = 'not run: bidirectional only (no causal form)'
     return row
   shape = (batch, length, heads, head_dim)
@@ -116,22 +175,31 @@ def _fmt_fraction(x):
   return f'1/{1 / x:.1f}' if x < 1 else f'{x:.1f}x'
 
 
+def _fmt_relative(x):
+  return f'{x:.2f}'
+
+
 def markdown_table(rows: list[dict]) -> str:
-  """Rows grouped by length. Speed-up = baseline time / variant time; memory = variant / baseline."""
+  """Rows grouped by length. Speed-up = baseline time / variant time; memory = variant / baseline;
+  the `/ plain_local` columns are variant / plain_local (time and memory) where it was measured."""
   by = {(r['variant'], r['length']): r for r in rows}
   lines = ['| n | variant | fwd ms | fwd+bwd ms | temp MiB | speed-up vs full | memory vs full | '
-           'speed-up vs chunked | memory vs chunked |', '|' + '---|' * 9]
+           'speed-up vs chunked | memory vs chunked | time / plain_local | memory / plain_local |',
+           '|' + '---|' * 11]
   for n in sorted({r['length'] for r in rows}):
     for r in (r for r in rows if r['length'] == n):
       if 'error' in r:
-        lines.append(f'| {n} | {r["variant"]} | {r["error"]} ||||||| ')
+        lines.append(f'| {n} | {r["variant"]} | {r["error"]} ||||||||| ')
         continue
       cells = [str(n), r['variant'], f'{r["fwd_s"] * 1e3:.1f}', f'{r["fwd_bwd_s"] * 1e3:.1f}',
                f'{r["temp_bytes"] / 2**20:.1f}']
-      for base in ('full', 'chunked'):
+      for base in ('full', 'chunked', PLAIN_LOCAL):
         b = by.get((base, n))
         if b is None or 'error' in b or base == r['variant']:
           cells += ['', '']
+        elif base == PLAIN_LOCAL:
+          cells += [_fmt_relative(r['fwd_bwd_s'] / b['fwd_bwd_s']),
+                    _fmt_relative(r['temp_bytes'] / max(b['temp_bytes'], 1))]
         else:
           cells += [_fmt_ratio(b['fwd_bwd_s'] / r['fwd_bwd_s']),
                     _fmt_fraction(r['temp_bytes'] / max(b['temp_bytes'], 1))]
@@ -149,7 +217,8 @@ def plot(rows: list[dict], path: str, title: str) -> None:
     if not ok:
       continue
     n = [r['length'] for r in ok]
-    style = dict(marker='o', linestyle='--' if name in ('full', 'chunked', CUDNN) else '-')
+    dashed = name in ('full', 'chunked', CUDNN) + BASELINES
+    style = dict(marker='o', linestyle='--' if dashed else '-')
     ax_t.plot(n, [r['fwd_bwd_s'] * 1e3 for r in ok], label=name, **style)
     ax_m.plot(n, [r['temp_bytes'] / 2**20 for r in ok], label=name, **style)
   for ax, label in ((ax_t, 'forward+backward time (ms)'), (ax_m, 'compiled temp memory (MiB)')):
@@ -174,6 +243,8 @@ def main(argv=None) -> list[dict]:
                       help=f'comma-separated, from {", ".join(ea.ATTENTION_NAMES)} (and cudnn on GPU)')
   parser.add_argument('--cudnn', action='store_true',
                       help='add jax.nn.dot_product_attention(implementation="cudnn") (GPU only)')
+  parser.add_argument('--no_baselines', action='store_true',
+                      help='do not add the sliding-window baselines (plain_local, jax_local) beside local')
   parser.add_argument('--batch', type=int, default=1)
   parser.add_argument('--heads', type=int, default=4)
   parser.add_argument('--head_dim', type=int, default=64)
@@ -194,10 +265,13 @@ def main(argv=None) -> list[dict]:
 
   lengths = [int(x) for x in args.lengths.split(',') if x]
   variants = [v for v in args.variants.split(',') if v] + ([CUDNN] if args.cudnn else [])
-  unknown = [v for v in variants if v not in ea.ATTENTION_NAMES + (CUDNN,)]
+  unknown = [v for v in variants if v not in ea.ATTENTION_NAMES + (CUDNN,) + BASELINES]
   if unknown or not lengths or min(lengths) < 1:
-    parser.error(f'unknown variants {unknown} (valid: {", ".join(ea.ATTENTION_NAMES)}, cudnn) '
-                 'or bad lengths')
+    parser.error(f'unknown variants {unknown} (valid: {", ".join(ea.ATTENTION_NAMES)}, cudnn, '
+                 f'{", ".join(BASELINES)}) or bad lengths')
+  if 'local' in variants and not args.no_baselines:  # the baselines right after local
+    at = variants.index('local') + 1
+    variants[at:at] = [b for b in BASELINES if b not in variants]
   dtype = jnp.dtype(args.dtype)
   from tqdm import tqdm
 

@@ -245,6 +245,61 @@ def test_engine_row_that_sees_nothing_gives_zeros_and_finite_grads():
     assert bool(jnp.all(jnp.isfinite(g)))
 
 
+@pytest.mark.parametrize('static,causal', [(blocks.Shifts((-2, 0, 1)), False),
+                                           (blocks.band_shifts(1, 0), True),
+                                           (blocks.all_blocks_layout, True)])
+def test_static_layouts_equal_their_index_form(static, causal):
+  """The static layouts (shifted slices, shared slices) give what the same layout does by index:
+  values, lse and grads, with padded keys, a predicate, causal and uneven query/key block counts."""
+  b, h, block, d = 2, 2, 4, 8
+  nq, nk = 5, 4
+  q = inputs(7, b, h * nq * block, 1, d)[0].reshape(b, h, nq, block, d)
+  k, v = (x.reshape(b, h, nk, block, d) for x in inputs(8, b, h * nk * block, 1, d)[1:])
+  qpos, kpos = blocks.block_positions(nq, block), blocks.block_positions(nk, block)
+  kvalid = jnp.asarray(np.random.RandomState(0).rand(b, nk, block) > 0.2)
+  idx, valid = static(nq, nk)
+  common = dict(kvalid=kvalid, qpos=qpos, kpos=kpos, visible=patterns.Band(9), causal=causal)
+
+  def loss(fn):
+    def f(q, k, v):
+      out, lse = fn(q, k, v)
+      return jnp.sum(out * jnp.cos(out)) + jnp.sum(jnp.where(lse > -1e20, jnp.sin(lse), 0.0))
+    return f
+
+  for step in (None, 1):
+    fast = lambda q, k, v: engine.block_sparse_attention(q, k, v, layout=static, step=step, **common)
+    slow = lambda q, k, v: engine.block_sparse_attention(q, k, v, idx=idx, valid=valid, **common)
+    for x, ref in zip(fast(q, k, v), slow(q, k, v)):
+      assert rel_err(x, ref) <= TOL
+    grads = jax.grad(loss(fast), argnums=(0, 1, 2))(q, k, v)
+    for g, g_ref in zip(grads, jax.grad(loss(slow), argnums=(0, 1, 2))(q, k, v)):
+      assert rel_err(g, g_ref) <= TOL
+
+
+def test_banded_variants_use_no_gather_or_scatter():
+  """local (and dilated, the band of strided, block_local) read their key blocks as slices: the
+  compiled forward+backward holds no gather and no scatter (the index path's cost on CPU)."""
+  q = inputs(0, 1, 64, 2, 8)[0]
+  for name, options in (('local', dict(window=5, block_size=8)), ('block_local', dict(block_size=8))):
+    attn = ea.make_attention(name, **options)
+    hlo = jax.jit(jax.grad(lambda q: jnp.sum(attn(q, q, q)))).lower(q).compile().as_text()
+    assert ' gather(' not in hlo and ' scatter(' not in hlo, name
+
+
+def test_static_layout_arguments_are_checked():
+  x = jnp.zeros((1, 1, 2, 4, 8))
+  pos = blocks.block_positions(2, 4)
+  common = dict(kvalid=jnp.ones((1, 2, 4), bool), qpos=pos, kpos=pos)
+  idx, valid = blocks.all_blocks_layout(2, 2)
+  with pytest.raises(ValueError, match='either idx and valid, or a static layout'):
+    engine.block_sparse_attention(x, x, x, idx=idx, valid=valid, layout=blocks.all_blocks_layout,
+                                  **common)
+  with pytest.raises(ValueError, match='must divide'):
+    engine.block_sparse_attention(x, x, x, layout=blocks.band_shifts(1, 1), step=2, **common)
+  with pytest.raises(ValueError, match='distinct'):
+    blocks.Shifts((0, 1, 0))
+
+
 @pytest.mark.parametrize('name', NAMES)
 def test_bfloat16_close_to_float32(name):
   b, n, h, d = 1, 64, 2, 16

@@ -7,10 +7,12 @@ head_dim]. A *layout* lists, per query block, the key blocks it visits: `idx[H, 
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 # The block size of the patterns that do not choose their own (full, chunked key blocks, the strided
 # columns, the fixed summaries): 128 keys fill a CPU/GPU matmul tile while a [128, 128] score tile stays small.
@@ -93,18 +95,63 @@ def dedupe_slots(idx, valid):
   return valid & ~repeated
 
 
-def all_blocks_layout(num_q_blocks: int, num_k_blocks: int):
-  """Every query block visits every key block: idx, valid of shape [1, nq, nk]."""
-  idx = jnp.broadcast_to(jnp.arange(num_k_blocks, dtype=jnp.int32), (1, num_q_blocks, num_k_blocks))
-  return idx, jnp.ones(idx.shape, bool)
+@dataclasses.dataclass(frozen=True)
+class AllBlocks:
+  """Every query block visits every key block. A static layout: the jnp engine reads each step's key
+  blocks as one slice shared by all query blocks; called as `all_blocks_layout(nq, nk)` it gives the
+  index arrays idx, valid [1, nq, nk]."""
+
+  def __call__(self, num_q_blocks: int, num_k_blocks: int):
+    idx = jnp.broadcast_to(jnp.arange(num_k_blocks, dtype=jnp.int32),
+                           (1, num_q_blocks, num_k_blocks))
+    return idx, jnp.ones(idx.shape, bool)
+
+
+all_blocks_layout = AllBlocks()
 
 
 def band_layout(num_blocks: int, left: int, right: int):
   """Query block a visits key blocks a-left..a+right (clipped): idx, valid [1, nb, left+right+1]."""
-  a = jnp.arange(num_blocks, dtype=jnp.int32)[:, None]
-  idx = a + jnp.arange(-left, right + 1, dtype=jnp.int32)[None, :]
-  valid = (idx >= 0) & (idx < num_blocks)
-  return jnp.clip(idx, 0, num_blocks - 1)[None], valid[None]
+  return band_shifts(left, right)(num_blocks, num_blocks)
+
+
+@dataclasses.dataclass(frozen=True)
+class Shifts:
+  """A static band layout: query block a visits key blocks a + o for o in `offsets` (those in range).
+
+  The jnp engine reads it as shifted slices of the key blocks (no gather, no scatter-add); called as
+  `Shifts(offsets)(nq, nk)` it gives the same layout as index arrays (idx, valid) [1, nq, len(offsets)].
+  """
+  offsets: tuple[int, ...]
+
+  def __post_init__(self):
+    offsets = tuple(int(o) for o in self.offsets)
+    if not offsets or len(set(offsets)) != len(offsets):  # a repeated block would count twice
+      raise ValueError(f'Shifts: offsets must be distinct ints, at least one, got {self.offsets!r}.')
+    object.__setattr__(self, 'offsets', offsets)
+
+  def __call__(self, num_q_blocks: int, num_k_blocks: int):
+    a = jnp.arange(num_q_blocks, dtype=jnp.int32)[:, None]
+    idx = a + jnp.asarray(self.offsets, jnp.int32)[None, :]
+    valid = (idx >= 0) & (idx < num_k_blocks)
+    return jnp.clip(idx, 0, num_k_blocks - 1)[None], valid[None]
+
+
+def band_shifts(left: int, right: int) -> Shifts:
+  """Query block a visits key blocks a-left..a+right: the band of `band_layout` as `Shifts`."""
+  return Shifts(tuple(range(-left, right + 1)))
+
+
+def outside_band(num_blocks: int, columns, left: int, right: int, skip_rows=()):
+  """Every query block a visits the key blocks `columns` outside its band a-left..a+right.
+
+  The complement of `band_shifts(left, right)` within `columns` (global key blocks), so the two parts
+  never count a block twice; rows in `skip_rows` visit nothing. idx, valid [1, num_blocks, len(columns)].
+  """
+  a = np.arange(num_blocks)[:, None]
+  cols = np.asarray(columns, np.int32)[None, :]
+  valid = ((cols < a - left) | (cols > a + right)) & ~np.isin(a, list(skip_rows))
+  return (jnp.asarray(np.broadcast_to(cols, valid.shape))[None], jnp.asarray(valid)[None])
 
 
 # --------------------------------------------------------------------------------------------------

@@ -16,7 +16,8 @@ from efficient_attn.attention.api import (Attention, check_nonnegative_int, chec
                                           register)
 from efficient_attn.attention.dense import dense_attention
 from efficient_attn.attention.blocks import (DEFAULT_BLOCK, all_blocks_layout, auto_block,
-                                             band_layout, dedupe_slots, fit_block, merge_partials,
+                                             band_layout, band_shifts, dedupe_slots, fit_block,
+                                             merge_partials, outside_band,
                                              pad_axis, positions, residue_major,
                                              residue_major_inverse, round_up)
 from efficient_attn.attention.engine import band_attention, query_chunked_attention, run_engine
@@ -199,9 +200,9 @@ def _global_positions(name, global_tokens, length):
 class Longformer(Attention):
   """Sliding window plus global tokens: abs(i - j) <= window or i in G or j in G.
 
-  Blocks holding a global token are extra key blocks of every row (the global columns) and visit every
-  key block as query blocks (the global rows). `global_tokens` positions past a sequence's length are
-  ignored. `block_size` only tunes speed.
+  Blocks holding a global token are extra key blocks of every row outside its band (the global
+  columns, merged with the band by log-sum-exp) and visit every key block as query blocks (the global
+  rows). `global_tokens` positions past a sequence's length are ignored. `block_size` only tunes speed.
   """
   window: int = 128
   global_tokens: tuple[int, ...] = (0,)
@@ -236,20 +237,27 @@ class Longformer(Attention):
     gpos = _global_positions(self.name, self.global_tokens, n)
     gblocks = tuple(sorted({g // block for g in gpos}))
 
-    def layout(nq, nk):
-      idx, valid = band_layout(nq, reach, 0 if causal else reach)
-      if gblocks:
+    right = 0 if causal else reach
+    pos = positions(n)
+    common = dict(qpos=pos, kpos=pos, causal=causal, qblock=block, kblock=block,
+                  visible=P.BandOrGlobal(self.window), aux=self._is_global(round_up(n, block), n),
+                  implementation=self.impl)
+    if self.impl == 'pallas':  # one fused call: the band and the global columns in one layout
+      def layout(nq, nk):
+        idx, valid = band_layout(nq, reach, right)
         extra = jnp.broadcast_to(jnp.asarray(gblocks, jnp.int32), (1, nq, len(gblocks)))
         idx = jnp.concatenate([idx, extra], axis=-1)
-        valid = dedupe_slots(idx, jnp.concatenate([valid, jnp.ones(extra.shape, bool)], axis=-1))
-      return idx, valid
-
-    pos = positions(n)
-    out, _ = run_engine(q, k, v, padding_mask, qpos=pos, kpos=pos, causal=causal, qblock=block,
-                        kblock=block, layout=layout, visible=P.BandOrGlobal(self.window),
-                        aux=self._is_global(round_up(n, block), n), global_q_blocks=gblocks,
-                        implementation=self.impl)
-    return out
+        return idx, dedupe_slots(idx, jnp.concatenate([valid, jnp.ones(extra.shape, bool)], -1))
+      return run_engine(q, k, v, padding_mask, layout=layout, global_q_blocks=gblocks, **common)[0]
+    # On the jnp engine, two disjoint parts merged by their log-sum-exp: the band (static shifts, with
+    # the global rows visiting every block), and the global key blocks outside each other row's band.
+    band = run_engine(q, k, v, padding_mask, layout=band_shifts(reach, right), global_q_blocks=gblocks,
+                      **common)
+    if not gblocks:
+      return band[0]
+    columns = run_engine(q, k, v, padding_mask, layout=lambda nq, nk: outside_band(
+        nq, gblocks, reach, right, skip_rows=gblocks), **common)
+    return merge_partials([band, columns])[0]
 
   def dense_mask(self, length, *, causal=False, rng=None, heads=None):
     mask = P.BandOrGlobal(self.window)(*P.grid(length), self._is_global(length, length))
@@ -335,10 +343,9 @@ class Fixed(Attention):
     if l >= n:  # one group holds the whole sequence: plain attention.
       block = fit_block(n, l)
       return run_engine(q, k, v, padding_mask, qpos=pos, kpos=pos, causal=causal, qblock=block,
-                        kblock=block, layout=lambda nq, nk: band_layout(nq, 0, 0),
-                        implementation=self.impl)[0]
+                        kblock=block, layout=band_shifts(0, 0), implementation=self.impl)[0]
     own = run_engine(q, k, v, padding_mask, qpos=pos, kpos=pos, causal=causal, qblock=l, kblock=l,
-                     layout=lambda nq, nk: band_layout(nq, 0, 0), implementation=self.impl)
+                     layout=band_shifts(0, 0), implementation=self.impl)
     groups = -(-n // l)
 
     def summary_of(x):  # [b, n, ...] -> [b, groups * c, ...]: the last c positions of every group.
@@ -461,11 +468,23 @@ class BigBird(Attention):
 
   def _attend(self, q, k, v, *, padding_mask, causal, rng):
     n, heads, bs = q.shape[1], q.shape[2], self.block_size
-    idx, valid, g = self.layout(-(-n // bs), heads, rng, causal)
+    nb = -(-n // bs)
+    idx, valid, g = self.layout(nb, heads, rng, causal)
     pos = positions(n)
-    return run_engine(q, k, v, padding_mask, qpos=pos, kpos=pos, causal=causal, qblock=bs,
-                      kblock=bs, layout=(idx, valid), global_q_blocks=g,
-                      implementation=self.impl)[0]
+    common = dict(qpos=pos, kpos=pos, causal=causal, qblock=bs, kblock=bs, implementation=self.impl)
+    if self.impl == 'pallas':  # one fused call over the whole layout
+      return run_engine(q, k, v, padding_mask, layout=(idx, valid), global_q_blocks=g, **common)[0]
+    # On the jnp engine, two disjoint parts merged by their log-sum-exp: the block window (the
+    # layout's first 3 slots) as static shifts, with the global rows visiting every block; the global
+    # and random blocks of the other rows by index.
+    window = run_engine(q, k, v, padding_mask, layout=band_shifts(1, 0 if causal else 1),
+                        global_q_blocks=g, **common)
+    if idx.shape[-1] == 3:
+      return window[0]
+    other_rows = np.ones(nb, bool)
+    other_rows[list(g)] = False
+    rest = (idx[..., 3:], valid[..., 3:] & jnp.asarray(other_rows)[None, :, None])
+    return merge_partials([window, run_engine(q, k, v, padding_mask, layout=rest, **common)])[0]
 
   def dense_mask(self, length, *, causal=False, rng=None, heads=None):
     self._check_rng(rng)
@@ -518,8 +537,7 @@ class BlockLocal(Attention):
     block = fit_block(n, self.block_size)
     pos = positions(n)
     return run_engine(q, k, v, padding_mask, qpos=pos, kpos=pos, causal=causal, qblock=block,
-                      kblock=block, layout=lambda nq, nk: band_layout(nq, 0, 0),
-                      implementation=self.impl)[0]
+                      kblock=block, layout=band_shifts(0, 0), implementation=self.impl)[0]
 
   def dense_mask(self, length, *, causal=False, rng=None, heads=None):
     return P.with_causal(P.SameBlock(self.block_size)(*P.grid(length))[None], causal)
