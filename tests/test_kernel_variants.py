@@ -161,6 +161,30 @@ def test_performer_approaches_softmax_attention_and_follows_the_key():
     assert float(jnp.max(jnp.abs(gram - jnp.eye(8)))) < 1e-5
 
 
+def test_performer_orthogonal_features_are_qr_with_a_positive_r_diagonal():
+  from efficient_attn.attention import kernelized  # pylint: disable=g-import-not-at-top
+  g = jax.random.normal(jax.random.key(3), (2, 3, 16, 16), jnp.float32)
+  q = kernelized.orthonormal_columns(g)
+  qr_q, qr_r = np.linalg.qr(np.asarray(g, np.float64))
+  expected = qr_q * np.sign(np.diagonal(qr_r, axis1=-2, axis2=-1))[..., None, :]
+  assert rel_err(q, expected) < 1e-5
+  eye = np.einsum('...ki,...kj->...ij', np.asarray(q, np.float64), np.asarray(q, np.float64))
+  assert np.abs(eye - np.eye(16)).max() < 1e-5
+
+
+def test_performer_training_step_has_no_lapack_call():
+  """Several LAPACK QR calls in one CPU program (one per layer) deadlocked a 4-layer Performer's
+  training step; the features are orthogonalised with matmuls instead."""
+  attn = ea.make_attention('performer', num_features=32)
+  q = jnp.ones((1, 8, 2, 16))
+
+  def loss(q, key):
+    return sum(jnp.sum(attn(q, q, q, rng=jax.random.fold_in(key, i))) for i in range(3))
+
+  hlo = jax.jit(jax.grad(loss)).lower(q, jax.random.key(0)).as_text()
+  assert 'custom_call' not in hlo and 'lapack' not in hlo.lower()
+
+
 def test_linear_feature_map_is_elu_plus_one():
   attn = ea.make_attention('linear')
   x = jnp.linspace(-3, 3, 24).reshape(1, 3, 2, 4)
