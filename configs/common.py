@@ -262,7 +262,7 @@ def finalize(config: ml_collections.ConfigDict,
   `pretrain` splits the step budget the task config set: the scratch run's train.steps = N becomes
   pretrain.steps = N // 2 and train.steps = N - N // 2, so pretraining + fine-tuning take the same
   total number of updates as training from scratch (ListOps quick: 800 = 400 + 400; Pathfinder
-  quick: 300 = 150 + 150). Periods and warmup stay as set (each stage warms up over the same
+  quick: 100 = 50 + 50). Periods and warmup stay as set (each stage warms up over the same
   optimizer.warmup_steps).
   """
   if args is not None and args.get('pretrain', False):

@@ -221,14 +221,23 @@ def plot(rows: list[dict], path: str, title: str) -> None:
     style = dict(marker='o', linestyle='--' if dashed else '-')
     ax_t.plot(n, [r['fwd_bwd_s'] * 1e3 for r in ok], label=name, **style)
     ax_m.plot(n, [r['temp_bytes'] / 2**20 for r in ok], label=name, **style)
-  for ax, label in ((ax_t, 'forward+backward time (ms)'), (ax_m, 'compiled temp memory (MiB)')):
+  save_length_plot(fig, ((ax_t, 'forward+backward time (ms)'),
+                         (ax_m, 'compiled temp memory (MiB)')), path, title)
+
+
+def save_length_plot(fig, panels, path: str, title: str, legend_columns: int = 1) -> None:
+  """Gives each (axes, y label) of `panels` log-log axes over the sequence length, puts the legend
+  on the first panel, then saves `fig` to `path` and closes it (shared by the training benchmark)."""
+  import matplotlib.pyplot as plt
+  for ax, label in panels:
     ax.set_xscale('log', base=2)
     ax.set_yscale('log')
     ax.set_xlabel('sequence length')
     ax.set_ylabel(label)
     ax.grid(True, which='both', alpha=0.3)
-  if ax_t.lines:
-    ax_t.legend(fontsize=8)
+  first = panels[0][0]
+  if first.lines:
+    first.legend(fontsize=8, ncol=legend_columns)
   fig.suptitle(title, fontsize=9)
   fig.tight_layout()
   fig.savefig(path, dpi=110)

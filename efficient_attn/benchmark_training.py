@@ -61,6 +61,9 @@ TABLE_FILE = 'table.md'
 PLOT_FILE = 'plot.png'
 MIN_LENGTH = 2  # the Text data config's minimum max_length
 EXIT_USAGE = 2
+# A run past this is reported as failed and the next one starts (the slowest run measured here, full
+# at 4K on 2 CPU cores, takes a minute or two; the Performer hang of an older version never ended).
+DEFAULT_RUN_TIMEOUT_S = 3600.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -148,9 +151,10 @@ def build_parser() -> argparse.ArgumentParser:
   parser.add_argument('--memory_budget_gb', type=float, default=0.0,
                       help='report a run whose compiled memory exceeds this many GiB as out of '
                            'reach instead of running it (0: no limit). Default: 0')
-  parser.add_argument('--run_timeout_s', type=float, default=0.0,
-                      help='stop a run that takes longer (reported as failed; 0: no limit). '
-                           'Default: 0')
+  parser.add_argument('--run_timeout_s', type=float, default=DEFAULT_RUN_TIMEOUT_S,
+                      help='stop a run that takes longer (reported as failed; 0: no limit), so '
+                           'that one hung run cannot hold up the rest. '
+                           f'Default: {DEFAULT_RUN_TIMEOUT_S:g}')
   parser.add_argument('--out', default='bench_train',
                       help=f'folder for {RESULTS_FILE}, {TABLE_FILE} and {PLOT_FILE}. '
                            'Default: bench_train')
@@ -430,18 +434,10 @@ def plot(rows: list[dict[str, Any]], path: str, title: str) -> None:
     mem = [r for r in ok if r.get('compiled_bytes')]
     ax_m.plot([r['length'] for r in mem], [r['compiled_bytes'] / 2**20 for r in mem], label=name,
               **style)
-  for ax, label in ((ax_s, 'training steps/s'), (ax_m, 'compiled train-step memory (MiB)')):
-    ax.set_xscale('log', base=2)
-    ax.set_yscale('log')
-    ax.set_xlabel('sequence length')
-    ax.set_ylabel(label)
-    ax.grid(True, which='both', alpha=0.3)
-  if ax_s.lines:
-    ax_s.legend(fontsize=8, ncol=2)
-  fig.suptitle(title, fontsize=9)
-  fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
+  from efficient_attn import benchmark  # pylint: disable=import-outside-toplevel
+  benchmark.save_length_plot(fig, ((ax_s, 'training steps/s'),
+                                   (ax_m, 'compiled train-step memory (MiB)')), path, title,
+                             legend_columns=2)
 
 
 def write_report(results: dict[str, Any], out: str) -> str:

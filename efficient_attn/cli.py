@@ -18,6 +18,7 @@ import datetime
 import difflib
 import errno
 import importlib.util
+import json
 import logging
 import os
 import re
@@ -40,6 +41,16 @@ DEFAULT_RUNS_DIR = 'runs'
 def interrupted_exit_code(signum: int) -> int:
   """The shell's convention for a process stopped by a signal: 128 + the signal number."""
   return 128 + int(signum)
+
+
+def read_json(path: str) -> Any:
+  """The JSON value in `path`, or None when the file is missing, unreadable or half-written (a run
+  being written as we look at it): the callers treat all of those as "no record yet"."""
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except (OSError, ValueError):
+    return None
 
 
 def one_line_error(error: BaseException) -> str:

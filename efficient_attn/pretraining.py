@@ -30,6 +30,8 @@ weights, final norm) under a new classification head.
 
 Masks are drawn on the host from (seed, step) for training and (seed, batch index) for validation,
 so a resumed run masks the same positions and every validation scores the same corrupted inputs.
+Under several processes each adds its process index to that key: each process holds other rows of
+the global batch, and the same key would give all of them one mask pattern.
 """
 from __future__ import annotations
 
@@ -187,23 +189,32 @@ def _inputs_only(batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
   return {k: batch[k] for k in ('inputs', 'mask', 'weights') if k in batch}
 
 
+def _mask_rng(seed: int, stream: int, index: int, process_index: int) -> np.random.Generator:
+  # Process 0 keeps the single-process key, so one process masks exactly as before.
+  key = [int(seed), stream, int(index)] + ([int(process_index)] if process_index else [])
+  return np.random.default_rng(key)
+
+
 def train_stream(batches: Iterator[Mapping[str, np.ndarray]], spec: Spec, *, seed: int,
-                 start_step: int, prepend_cls: bool) -> Iterator[dict[str, np.ndarray]]:
+                 start_step: int, prepend_cls: bool,
+                 process_index: int = 0) -> Iterator[dict[str, np.ndarray]]:
   """Pretraining batches from the training stream `batches` (which starts at `start_step`): batch
-  s is masked with np.random.default_rng([seed, 1, s]), so a resumed stream masks the same."""
+  s is masked with np.random.default_rng([seed, 1, s]) (process p > 0: [seed, 1, s, p]), so a
+  resumed stream masks the same."""
   step = int(start_step)
   for batch in batches:
-    rng = np.random.default_rng([int(seed), _TRAIN_STREAM, step])
+    rng = _mask_rng(seed, _TRAIN_STREAM, step, process_index)
     yield make_batch(_inputs_only(batch), spec, prepend_cls=prepend_cls, rng=rng)
     step += 1
 
 
 def eval_stream(batches: Iterator[Mapping[str, np.ndarray]], spec: Spec, *, seed: int,
-                prepend_cls: bool) -> Iterator[dict[str, np.ndarray]]:
-  """Validation pretraining batches: batch i masked with default_rng([seed, 2, i]), the same in
-  every evaluation (the denoising loss of two evaluations compares the same corrupted inputs)."""
+                prepend_cls: bool, process_index: int = 0) -> Iterator[dict[str, np.ndarray]]:
+  """Validation pretraining batches: batch i masked with default_rng([seed, 2, i]) (process p > 0:
+  [seed, 2, i, p]), the same in every evaluation (the denoising loss of two evaluations compares
+  the same corrupted inputs)."""
   for i, batch in enumerate(batches):
-    rng = np.random.default_rng([int(seed), _EVAL_STREAM, i])
+    rng = _mask_rng(seed, _EVAL_STREAM, i, process_index)
     yield make_batch(_inputs_only(batch), spec, prepend_cls=prepend_cls, rng=rng)
 
 

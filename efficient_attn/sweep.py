@@ -1,6 +1,6 @@
 r"""Every attention variant on every task, one run after another, then one table of the results.
 
-  python -m efficient_attn.sweep --tasks=listops,pathfinder --variants=all --protocol=quick
+  python -m efficient_attn.sweep --tasks=listops,pathfinder,lm --variants=all --protocol=quick
   python -m efficient_attn.sweep --tasks=listops --variants=full,local,bigbird --protocol=lra \
       --workdir=runs/sweep-lra --set train.eval_every=100
   python -m efficient_attn.sweep --tasks=listops,pathfinder --variants=all --protocol=lra \
@@ -54,8 +54,8 @@ PRETRAIN_MODES = ('off', 'also', 'only')
 PRETRAIN_SUFFIX = '+pretrain'  # the row (and workdir) of a pretrained run: '<variant>+pretrain'
 # The config argument each protocol adds to `attention=<variant>` ('' = the task's default config).
 PROTOCOL_ARGS = {'quick': 'quick', 'lra': '', 'tiny': 'tiny'}
-# Tasks generated locally (no download): the default.
-DEFAULT_TASKS = 'listops,pathfinder'
+# The tasks whose data need no download (generated, or Python's own standard library): the default.
+DEFAULT_TASKS = 'listops,pathfinder,lm'
 TABLE_FILE = 'results.md'
 HEATMAP_FILE = 'results_heatmap.png'
 STATUS_DIR = 'status'  # <sweep dir>/status/<task>.<variant>.json: the exit code of a failed run
@@ -81,9 +81,9 @@ _OUT = flags.DEFINE_string('out', None, f'Where {TABLE_FILE} and {HEATMAP_FILE} 
 _SET = flags.DEFINE_multi_string('set', [], 'key=value: a config override for every run, passed '
                                  'as --config.key=value (repeatable), e.g. --set train.steps=100.')
 _PRINT_COMMANDS = flags.DEFINE_bool(
-    'print_commands', False, 'Print one shell line per run (line i is run i: usable with a job '
-    'array, e.g. `sed -n ${SLURM_ARRAY_TASK_ID}p`) and a last line that writes the table; run '
-    'nothing.')
+    'print_commands', False, 'Print one shell line per run (in order, leaving out the runs that '
+    'are not applicable; usable with a job array, e.g. `sed -n ${SLURM_ARRAY_TASK_ID}p`) and a last '
+    'line that writes the table; run nothing.')
 _PRETRAIN = flags.DEFINE_enum(
     'pretrain', 'off', PRETRAIN_MODES, 'Self-pretraining (the config argument `pretrain`: half the '
     'steps pretrain on the task\'s inputs, half fine-tune; README "Self-pretraining"): off, also '
@@ -109,6 +109,9 @@ class Run:
   config_file: str  # absolute path of configs/<task>.py
   overrides: tuple[str, ...]  # '--config.key=value' each
   pretrain: bool = False  # self-pretraining then fine-tuning (config argument `pretrain`)
+  # Why the task cannot train this variant at all (e.g. 'no causal form' for the lm task), found
+  # from its config before the sweep starts; such a run is never launched. '' = it can.
+  not_applicable: str = ''
 
   @property
   def label(self) -> str:
@@ -224,15 +227,18 @@ def resolve_config(run: Run):
   return values.config
 
 
+def not_applicable(config) -> str:
+  """Why the task of `config` cannot train its attention at all, or '' if it can: the lm task's
+  model attends causally in every layer, so a variant without a causal form (linformer, nystrom)
+  has no lm run; the table shows 'n/a (no causal form)' there rather than a failed run."""
+  from efficient_attn import models  # pylint: disable=import-outside-toplevel
+  attentions = models.resolve_layer_attentions(config.attention, config.model.num_layers)
+  if config.task == 'lm' and not all(a.supports_causal for a in attentions):
+    return 'no causal form'
+  return ''
+
+
 # -- the state of a run ----------------------------------------------------------------------------
-
-
-def _read_json(path: str) -> Any:
-  try:
-    with open(path) as f:
-      return json.load(f)
-  except (OSError, ValueError):
-    return None
 
 
 def status_path(sweep_dir: str, run: Run) -> str:
@@ -242,7 +248,8 @@ def status_path(sweep_dir: str, run: Run) -> str:
 @dataclasses.dataclass
 class RunState:
   """What a run's workdir says: 'finished' (with results), 'failed' (with the exit code of the
-  sweep's last attempt), 'unfinished' (started, not done) or 'not run'."""
+  sweep's last attempt), 'unfinished' (started, not done) or 'not run'; or 'not applicable' (the
+  task cannot train the variant: Run.not_applicable says why)."""
 
   state: str
   results: dict[str, Any] | None = None
@@ -251,11 +258,13 @@ class RunState:
 
 def run_state(run: Run, steps: int, sweep_dir: str) -> RunState:
   """The state of `run`, whose config trains `steps` steps (train_lib's rule for a finished run:
-  results.json for the same train.steps)."""
-  results = _read_json(os.path.join(run.workdir, RESULTS_FILE))
+  results.json for the same train.steps); 'not applicable' for a run the task cannot train."""
+  if run.not_applicable:
+    return RunState('not applicable')
+  results = cli.read_json(os.path.join(run.workdir, RESULTS_FILE))
   if isinstance(results, dict) and results.get('steps') == steps:
     return RunState('finished', results=results)
-  status = _read_json(status_path(sweep_dir, run))
+  status = cli.read_json(status_path(sweep_dir, run))
   if isinstance(status, dict) and status.get('exit_code'):
     return RunState('failed', exit_code=int(status['exit_code']))
   if os.path.exists(os.path.join(run.workdir, 'config.json')):
@@ -376,6 +385,9 @@ def run_sweep(runs: Sequence[Run], steps: Mapping[str, int], sweep_dir: str) -> 
   with _Stop() as stop:
     for run in runs:
       head = f'run {run.index} of {total}: {run.name}'
+      if run.not_applicable:
+        _say(f'{head}: not applicable ({run.not_applicable}), skipped')
+        continue
       if run_state(run, steps[run.name], sweep_dir).state == 'finished':
         _say(f'{head}: finished earlier, skipped')
         continue
@@ -429,6 +441,8 @@ def table_cells(runs: Sequence[Run], states: Mapping[str, RunState]) -> dict[str
       cells[run.name] = Cell(value, text, lra)
     elif st.state == 'failed':
       cells[run.name] = Cell(None, f'failed (exit {st.exit_code})', lra)
+    elif st.state == 'not applicable':
+      cells[run.name] = Cell(None, f'n/a ({run.not_applicable})', lra)
     else:
       cells[run.name] = Cell(None, st.state, lra)
   return cells
@@ -469,11 +483,14 @@ def results_markdown(runs: Sequence[Run], cells: Mapping[str, Cell],
   from efficient_attn import compare  # pylint: disable=import-outside-toplevel
   protocol = runs[0].protocol if runs else '?'
   overrides = ' '.join(runs[0].overrides) if runs and runs[0].overrides else 'none'
-  started = [r for r in runs if os.path.exists(os.path.join(r.workdir, 'config.json'))]
+  inapplicable = [r for r in runs if r.not_applicable]
+  started = [r for r in runs
+             if not r.not_applicable and os.path.exists(os.path.join(r.workdir, 'config.json'))]
   notes = {r.workdir: cells[r.name].text for r in started if states[r.name].state != 'finished'}
   per_run = compare.markdown_table([compare.load_run(r.workdir) for r in started], notes=notes)
   return '\n'.join([
-      f'# Sweep: protocol `{protocol}`, {len(runs)} runs',
+      f'# Sweep: protocol `{protocol}`, {len(runs) - len(inapplicable)} runs'
+      + (f' ({len(inapplicable)} more not applicable)' if inapplicable else ''),
       '',
       f'Config overrides: {overrides}. Written by `python -m efficient_attn.sweep`.',
       '',
@@ -580,14 +597,17 @@ def main(argv: Sequence[str]) -> int:
   out_dir = os.path.abspath(_OUT.value) if _OUT.value else sweep_dir
   runs = plan(tasks, variants, protocol, sweep_dir, overrides, _PRETRAIN.value)
   steps = {}
-  for run in runs:  # every config and override checked before anything starts
+  for i, run in enumerate(runs):  # every config and override checked before anything starts
     try:
-      steps[run.name] = resolve_config(run).train.steps
+      config = resolve_config(run)
+      runs[i] = dataclasses.replace(run, not_applicable=not_applicable(config))
     except Exception as e:  # pylint: disable=broad-except  (config files raise anything)
       raise UsageError(f'{run.name}: {cli.one_line_error(e)}') from e
+    steps[run.name] = config.train.steps
   if _PRINT_COMMANDS.value:
     for run in runs:
-      print(shlex.join(run.command()))
+      if not run.not_applicable:
+        print(shlex.join(run.command()))
     table = [sys.executable, '-m', 'efficient_attn.sweep', f'--tasks={",".join(tasks)}',
              f'--variants={",".join(variants)}', f'--protocol={protocol}',
              f'--workdir={sweep_dir}', f'--out={out_dir}', f'--pretrain={_PRETRAIN.value}',

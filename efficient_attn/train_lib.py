@@ -63,6 +63,7 @@ import tqdm
 from flax import nnx
 
 from efficient_attn import checkpointing
+from efficient_attn import cli
 from efficient_attn import metrics as metrics_lib
 from efficient_attn import models
 from efficient_attn import objectives
@@ -180,8 +181,11 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     from efficient_attn import data  # pylint: disable=import-outside-toplevel  (heavy: datasets)
     data.check_data_config(config.data)
     model_config = models.resolve_model_config(config.model)
-    models.resolve_layer_attentions(config.attention, model_config['num_layers'],
-                                    model_config['num_heads'])
+    attentions = models.resolve_layer_attentions(config.attention, model_config['num_layers'],
+                                                 model_config['num_heads'])
+    if config.task == 'lm':  # otherwise the first traced step fails, after the data has loaded
+      models.require_causal(attentions, "the 'lm' task (its model attends causally in every "
+                            'layer)')
     optimization.check_optimizer_config(config.optimizer)
     _check_pretrain_config(config, model_config)
     sharding.config_rules(config)
@@ -210,12 +214,11 @@ def _check_pretrain_config(config: ml_collections.ConfigDict, model_config: dict
   if (p is None or not pretraining.configured(config) or p.init_from
       or (p.objective != 'causal' and config.task != 'lm')):
     return
-  for i, attention in enumerate(models.resolve_layer_attentions(
-      config.attention, model_config['num_layers'], model_config['num_heads'])):
-    if not attention.supports_causal:
-      raise ValueError(f'causal pretraining (pretrain.objective={p.objective!r}) needs causal '
-                       f'attention, but layer {i} uses {attention.name!r}, which has none; use '
-                       "pretrain.objective='masked' or another variant.")
+  models.require_causal(
+      models.resolve_layer_attentions(config.attention, model_config['num_layers'],
+                                      model_config['num_heads']),
+      f'causal pretraining (pretrain.objective={p.objective!r})',
+      "use pretrain.objective='masked' or another variant")
 
 
 def variant_name(config: ml_collections.ConfigDict) -> str:
@@ -701,6 +704,12 @@ def _run(config, workdir, components, mesh, is_chief, signals) -> dict[str, Any]
   if spec is not None:
     if spec.init_from:
       source = pretrained_dir(spec.init_from, must_exist=not started)
+      if spec.steps and is_chief and not started:
+        # The `pretrain` config argument sets pretrain.steps; with init_from those steps are not
+        # taken, and saying so is kinder than a run that silently trains for half its budget.
+        logging.warning('pretrain.init_from is set: this run does not pretrain itself (its '
+                        'pretrain.steps=%d are skipped); it fine-tunes the weights of %s for '
+                        'train.steps=%d.', spec.steps, source, config.train.steps)
     else:
       source = os.path.join(workdir, pretraining.PRETRAIN_DIR)
       if not started:  # once fine-tuning has begun, its checkpoints hold everything it needs
@@ -781,7 +790,7 @@ def _pretrain(config, spec: pretraining.Spec, task, components, mesh, is_chief, 
   """The pretraining stage in `workdir` (<run>/pretrain): resumable as the task's training; its best
   checkpoint is the lowest validation denoising (or next-token) loss. Returns its results (also in
   workdir/results.json); a finished stage returns them without building anything."""
-  done = _read_json(os.path.join(workdir, RESULTS_FILE))
+  done = cli.read_json(os.path.join(workdir, RESULTS_FILE))
   if done is not None and done.get('steps') == spec.steps:
     logging.info('Pretraining in %s has finished its %d steps.', workdir, spec.steps)
     return done
@@ -790,7 +799,7 @@ def _pretrain(config, spec: pretraining.Spec, task, components, mesh, is_chief, 
   prepend_cls = models.pretraining.encoder_prepends_cls(config.model, task.kind)
   setup = setup_training(config, task, components, mesh, pretrain=spec)
   stream = functools.partial(pretraining.train_stream, spec=spec, seed=config.seed,
-                             prepend_cls=prepend_cls)
+                             prepend_cls=prepend_cls, process_index=pindex)
   stage = _Stage(
       label=' pretrain', workdir=workdir, steps=spec.steps, steps_field='pretrain.steps',
       config_file=PRETRAIN_CONFIG_FILE, metric='loss', mode='min', kind=task.kind, setup=setup,
@@ -801,7 +810,7 @@ def _pretrain(config, spec: pretraining.Spec, task, components, mesh, is_chief, 
           process_count=pcount), start_step=start),
       validation_batches=lambda: pretraining.eval_stream(components.eval_batches(
           task.validation, tc.eval_batch_size, process_index=pindex, process_count=pcount),
-          spec, seed=config.seed, prepend_cls=prepend_cls),
+          spec, seed=config.seed, prepend_cls=prepend_cls, process_index=pindex),
       hparam_metrics=('validation/loss',))
 
   def finish(state, ckpt, writer):
@@ -895,7 +904,7 @@ def _load_pretrained(config, source: str, abstract_params: Any, kind: str,
       if problem:
         break
     if problem:
-      source_config = _read_json(os.path.join(source, PRETRAIN_CONFIG_FILE))
+      source_config = cli.read_json(os.path.join(source, PRETRAIN_CONFIG_FILE))
       raise ConfigError(
           f'the pretrained weights of {source} do not fit this model: {problem} (pretrained: '
           f'{_describe_model(source_config)}; this run: '
@@ -926,19 +935,11 @@ def _load_pretrained(config, source: str, abstract_params: Any, kind: str,
 
 def _pretrain_summary(source: str) -> dict[str, Any]:
   """What the fine-tuning results record of the pretraining they started from."""
-  done = _read_json(os.path.join(source, RESULTS_FILE)) or {}
+  done = cli.read_json(os.path.join(source, RESULTS_FILE)) or {}
   return {'pretrained_from': os.path.abspath(source), 'pretrain_steps': done.get('steps'),
           'pretrain_best_step': done.get('best_step'),
           'pretrain_objective': done.get('objective'),
           'pretrain_validation_loss': done.get('validation/loss')}
-
-
-def _read_json(path: str) -> Any:
-  try:
-    with open(path) as f:
-      return json.load(f)
-  except (OSError, ValueError):
-    return None
 
 
 # -- one stage -------------------------------------------------------------------------------------

@@ -309,3 +309,15 @@ def test_cli_config_errors_are_one_line():
     assert len(lines) == 1 and lines[0].startswith('Config error: '), (name, err[-3000:])
     assert cases[name][1] in lines[0], (name, lines[0])
   assert not os.path.exists('/nonexistent/run')
+
+
+@pytest.mark.parametrize('variant', ['linformer', 'nystrom'])
+def test_lm_with_a_variant_without_causal_form_is_a_config_error(variant):
+  # It used to pass the check and fail at the first traced step, after loading the data, with a
+  # traceback and exit code 1.
+  config = lm.get_config(f'attention={variant},tiny')
+  with pytest.raises(train_lib.ConfigError, match=f"'lm' task.*{variant}.*no causal form") as e:
+    train_lib.check_config(config)
+  assert 'causal: full, chunked' in str(e.value)
+  train_lib.check_config(lm.get_config('attention=local,tiny'))  # a causal variant is fine
+  train_lib.check_config(listops.get_config(f'attention={variant},tiny'))  # bidirectional tasks

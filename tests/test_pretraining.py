@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -173,6 +174,28 @@ def test_span_mask_masks_real_tokens_only_at_the_rate():
     assert (mean_run < 1.3) if mean_span == 1 else (2.5 < mean_run < 4.5), (mean_span, mean_run)
 
 
+def test_mask_streams_differ_per_process_and_repeat_per_step():
+  spec = pretraining.Spec(steps=1, objective='masked', mask_rate=0.3, mean_span=1.0, init_from='',
+                          mask_id=17)
+  inputs = np.arange(1, 16 * 64 + 1).reshape(16, 64) % 16 + 1  # no padding: every position counts
+  batches = [{'inputs': inputs, 'mask': inputs > 0, 'labels': np.zeros(16)}] * 3
+
+  def masks(stream, process_index, **kw):
+    return [b['token_weights'] > 0 for b in stream(iter(batches), spec, prepend_cls=False,
+                                                    process_index=process_index, seed=5, **kw)]
+
+  for stream, kw in ((pretraining.train_stream, {'start_step': 7}), (pretraining.eval_stream, {})):
+    first, again, other = masks(stream, 0, **kw), masks(stream, 0, **kw), masks(stream, 1, **kw)
+    for a, b, c in zip(first, again, other):
+      np.testing.assert_array_equal(a, b)  # the same key: the same mask (resume, re-validation)
+      # Another process's rows of the same step get another pattern (they used to share one).
+      assert (a != c).mean() > 0.2, stream.__name__
+  # Process 0 keeps the single-process key [seed, stream, step].
+  expected = pretraining.make_batch(batches[0], spec, prepend_cls=False,
+                                    rng=np.random.default_rng([5, 1, 7]))['token_weights'] > 0
+  np.testing.assert_array_equal(masks(pretraining.train_stream, 0, start_step=7)[0], expected)
+
+
 def test_batches_carry_no_labels_and_line_up_targets():
   spec = pretraining.Spec(steps=1, objective='masked', mask_rate=0.5, mean_span=1.0, init_from='',
                           mask_id=17)
@@ -289,15 +312,18 @@ def test_resume_in_either_stage_is_exact(reference, cache_dir, tmp_path):
   assert strip(train_lib.train_and_evaluate(config, run)) == strip(results)
 
 
-def test_init_from_other_variant_and_mismatches(reference, cache_dir, tmp_path):
+def test_init_from_other_variant_and_mismatches(reference, cache_dir, tmp_path, caplog):
   workdir, _ = reference
   best = _encoder(_arrays(os.path.join(workdir, 'pretrain', 'checkpoints', 'best')))
   # full -> local: the same weights; the run directory (holding pretrain/) is accepted.
   config = tiny_config(cache_dir, 'local', steps=2)
   config.pretrain.init_from = workdir
-  with pytest.raises(_Crash):  # stops at the first batch: the initial state is saved by then
+  with caplog.at_level(logging.WARNING), pytest.raises(_Crash):  # stops at the first batch: the
+    # initial state is saved by then
     train_lib.train_and_evaluate(config, str(tmp_path / 'local'), components=_components((0, 0)))
   assert not os.path.exists(tmp_path / 'local' / 'pretrain')
+  # Its own pretrain.steps (6, from the `pretrain` argument) are skipped, and the log says so.
+  assert any('pretrain.steps=6 are skipped' in r.getMessage() for r in caplog.records)
   _assert_same(best, _encoder(_arrays_at(str(tmp_path / 'local' / 'checkpoints' / 'latest' / '0'))))
 
   def error(config, name):

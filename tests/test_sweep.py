@@ -5,6 +5,7 @@ independent sweeps run side by side.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shlex
@@ -219,6 +220,32 @@ def test_table_states_lra_numbers_and_heatmap(tmp_path):
   assert any('| full | pathfinder | full | unfinished |' in r for r in per_run)
   with open(heatmap, 'rb') as f:
     assert f.read(8) == b'\x89PNG\r\n\x1a\n'
+
+
+def test_lm_runs_of_variants_without_causal_form_are_not_applicable(tmp_path):
+  # Not launched (a launch could only fail), left out of --print_commands, 'n/a' in the table.
+  printed = subprocess.run(
+      [sys.executable, '-m', 'efficient_attn.sweep', '--tasks=lm,listops',
+       '--variants=local,linformer', '--protocol=tiny', f'--workdir={tmp_path}', '--print_commands'],
+      cwd=REPO, env=_env(tmp_path), capture_output=True, text=True, timeout=120, check=False)
+  assert printed.returncode == 0, printed.stderr[-3000:]
+  lines = printed.stdout.strip().splitlines()
+  assert [shlex.split(line)[2].rsplit(':', 1)[1] for line in lines[:-1]] == [
+      'attention=local,tiny', 'attention=local,tiny', 'attention=linformer,tiny'], lines
+  assert '/lm/' in lines[0] and '/listops/' in lines[1] and lines[-1].endswith('--table_only')
+  runs = sweep.plan(['lm', 'listops'], ['local', 'linformer'], 'tiny', str(tmp_path))
+  runs = [dataclasses.replace(r, not_applicable=sweep.not_applicable(sweep.resolve_config(r)))
+          for r in runs]
+  assert [r.not_applicable for r in runs] == ['', 'no causal form', '', '']
+  steps = {r.name: 10 for r in runs}
+  assert sweep.run_sweep([runs[1]], steps, str(tmp_path)) == (0, 0)  # skipped, not failed
+  assert not (tmp_path / 'lm' / 'linformer').exists()
+  table, _ = sweep.write_table(runs, steps, str(tmp_path), str(tmp_path / 'out'))
+  markdown = open(table).read()
+  assert markdown.startswith('# Sweep: protocol `tiny`, 3 runs (1 more not applicable)\n')
+  rows = _section(markdown, sweep.ACCURACY_HEADING)
+  assert rows[2:] == ['| `local` | not run | not run | 15.82 |',
+                      '| `linformer` | n/a (no causal form) | not run | 35.70 |'], rows
 
 
 def test_every_lra_model_maps_to_a_registered_variant():

@@ -9,14 +9,15 @@ See `model_config_defaults` and `attention_config_defaults` for every option.
 """
 from efficient_attn.models.config import (attention_config_defaults, describe_options,
                                           layer_override_specs, model_config_defaults,
-                                          parse_layer_overrides, resolve_layer_attentions,
-                                          resolve_model_config, variant_option_defaults,
-                                          variant_spec)
+                                          parse_layer_overrides, require_causal,
+                                          resolve_layer_attentions, resolve_model_config,
+                                          variant_option_defaults, variant_spec)
 from efficient_attn.models.pretraining import create_pretraining_model
 from efficient_attn.models.transformer import KINDS, count_params, create_model
 
 __all__ = [
     'KINDS', 'attention_config_defaults', 'count_params', 'create_model', 'create_pretraining_model',
     'describe_options', 'layer_override_specs', 'model_config_defaults', 'parse_layer_overrides',
-    'resolve_layer_attentions', 'resolve_model_config', 'variant_option_defaults', 'variant_spec',
+    'require_causal', 'resolve_layer_attentions', 'resolve_model_config', 'variant_option_defaults',
+    'variant_spec',
 ]

@@ -378,3 +378,13 @@ def resolve_layer_attentions(config: Any, num_layers: int,
         raise ValueError(f'attention for layer {i} ({name!r}, options {layer_options}): {e}') from e
     out.append(built[key])
   return tuple(out)
+
+
+def require_causal(attentions, what: str, remedy: str = 'pick a variant that has one') -> None:
+  """ValueError unless every layer's attention has a causal form (`what` needs it: the message
+  names it, the first layer without one, the variants that have one, and `remedy`)."""
+  for i, attention in enumerate(attentions):
+    if not attention.supports_causal:
+      causal = [n for n in api.attention_names() if api.variant_class(n).supports_causal]
+      raise ValueError(f'{what} needs causal attention, but layer {i} uses {attention.name!r}, '
+                       f'which has no causal form; {remedy} (causal: {", ".join(causal)}).')

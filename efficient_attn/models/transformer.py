@@ -166,7 +166,34 @@ class PairClassifier(nnx.Module):
     return self.head(jnp.concatenate([u, v, u * v, u - v], axis=-1))
 
 
-class LanguageModel(nnx.Module):
+class TokenPredictor(nnx.Module):
+  """inputs int [b, L], mask bool [b, L] -> logits float32 [b, L', vocab_size]: the `Encoder` with a
+  float32 projection of every state onto the vocabulary.
+
+  L' = L + 1 when the encoder prepends a CLS token (its state comes first), else L. With
+  `causal=True` every layer attends causally (state t has seen the tokens up to t), else
+  bidirectionally. It serves as the language model (`LanguageModel`) and as the self-pretraining
+  model (efficient_attn/models/pretraining.py), whose `encoder` has the task model's parameter paths.
+  `what` names the model in input errors.
+  """
+
+  def __init__(self, config, attentions, *, vocab_size: int, max_length: int, prepend_cls: bool,
+               causal: bool, rngs: nnx.Rngs, what: str = 'pretraining'):
+    self.causal = bool(causal)
+    self.what = what
+    self.encoder = Encoder(config, attentions, vocab_size=vocab_size, max_length=max_length,
+                           prepend_cls=prepend_cls, rngs=rngs)
+    self.head = layers.Dense(config['emb_dim'], vocab_size, names=('embed', 'vocab'), rngs=rngs)
+
+  def __call__(self, inputs, mask=None, *, train: bool):
+    train = _check_train(train)
+    inputs, mask = _check_inputs(inputs, mask, 2, self.what)
+    states, _ = self.encoder(inputs, mask, causal=self.causal, train=train)
+    # The vocabulary projection runs in float32: logits feed a softmax over the whole vocabulary.
+    return self.head(states.astype(jnp.float32))
+
+
+class LanguageModel(TokenPredictor):
   """kind 'lm' (causal decoder): inputs int [b, L], mask [b, L] -> logits float32 [b, L, vocab].
 
   Every layer attends with causal=True, whatever the variant; logits at position t predict token t+1.
@@ -174,16 +201,8 @@ class LanguageModel(nnx.Module):
 
   def __init__(self, config, attentions, *, vocab_size, num_classes, max_length, rngs):
     del num_classes  # equals vocab_size (checked in create_model)
-    self.encoder = Encoder(config, attentions, vocab_size=vocab_size, max_length=max_length,
-                           prepend_cls=False, rngs=rngs)
-    self.head = layers.Dense(config['emb_dim'], vocab_size, names=('embed', 'vocab'), rngs=rngs)
-
-  def __call__(self, inputs, mask=None, *, train: bool):
-    train = _check_train(train)
-    inputs, mask = _check_inputs(inputs, mask, 2, 'lm')
-    states, _ = self.encoder(inputs, mask, causal=True, train=train)
-    # The vocabulary projection runs in float32: logits feed a softmax over the whole vocabulary.
-    return self.head(states.astype(jnp.float32))
+    super().__init__(config, attentions, vocab_size=vocab_size, max_length=max_length,
+                     prepend_cls=False, causal=True, rngs=rngs, what='lm')
 
 
 _MODELS = {'classify': Classifier, 'pair': PairClassifier, 'lm': LanguageModel}
