@@ -187,7 +187,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
       models.require_causal(attentions, "the 'lm' task (its model attends causally in every "
                             'layer)')
     optimization.check_optimizer_config(config.optimizer)
-    _check_pretrain_config(config, model_config)
+    _check_pretrain_config(config, attentions)
     sharding.config_rules(config)
     if not isinstance(config.get('sequence_parallel', True), bool):
       raise ValueError(f'sequence_parallel must be True or False, got {config.sequence_parallel!r}.')
@@ -207,17 +207,16 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         raise ConfigError(f'train.{key}={train[key]} is not divisible by {what}, {divisor}.')
 
 
-def _check_pretrain_config(config: ml_collections.ConfigDict, model_config: dict) -> None:
-  """config.pretrain (optional: configs without it never pretrain); ValueError if invalid."""
+def _check_pretrain_config(config: ml_collections.ConfigDict, attentions) -> None:
+  """config.pretrain (optional: configs without it never pretrain); ValueError if invalid.
+  `attentions`: the layers' attentions, as check_config resolved them."""
   pretraining.check_config(config, 'lm' if config.task == 'lm' else None)
   p = pretraining.section(config)
   if (p is None or not pretraining.configured(config) or p.init_from
       or (p.objective != 'causal' and config.task != 'lm')):
     return
   models.require_causal(
-      models.resolve_layer_attentions(config.attention, model_config['num_layers'],
-                                      model_config['num_heads']),
-      f'causal pretraining (pretrain.objective={p.objective!r})',
+      attentions, f'causal pretraining (pretrain.objective={p.objective!r})',
       "use pretrain.objective='masked' or another variant")
 
 
